@@ -1,0 +1,23 @@
+"""ccajax: Compressed Convolutional Attention (CCA) and CCGQA for JAX and Flax NNX.
+
+Functional core: ``init_cca_params`` / ``cca_attention`` (and the MHA/GQA/MQA and MLA baselines
+with the same interface); Flax NNX modules in ``ccajax.modules``; ZAYA1 weight import in
+``ccajax.convert``; cost accounting in ``ccajax.costs``; the attention dispatch in
+``ccajax.attention``.
+"""
+
+from ccajax.attention import dot_product_attention
+from ccajax.cca import cca_attention, cca_qkv, init_cca_params
+from ccajax.config import CCAConfig, MHAConfig, MLAConfig
+from ccajax.mha import init_mha_params, mha_attention
+from ccajax.mla import init_mla_params, mla_attention
+from ccajax.modules import (CCAttention, MultiHeadAttention, MultiLatentAttention,
+                            attention_module)
+
+__all__ = [
+    "CCAConfig", "MHAConfig", "MLAConfig",
+    "init_cca_params", "cca_attention", "cca_qkv",
+    "init_mha_params", "mha_attention", "init_mla_params", "mla_attention",
+    "dot_product_attention",
+    "CCAttention", "MultiHeadAttention", "MultiLatentAttention", "attention_module",
+]

@@ -1,0 +1,127 @@
+"""The one dispatch point for the attention step, and its plain-jnp reference.
+
+Every attention in ccajax (CCA, CCGQA, MHA, GQA, MQA, MLA) calls :func:`dot_product_attention`;
+backends are added here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ccajax.rope import stats_dtype
+
+IMPLEMENTATIONS = ("xla", "cudnn")
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def attention_mask(seq_q: int, seq_k: int, *, is_causal: bool,
+                   segment_ids: jnp.ndarray | None) -> jnp.ndarray | None:
+    """Boolean mask (B or 1, 1, 1, Sq, Sk) of allowed query-key pairs, or None when all are allowed.
+
+    Causal masks align the last query with the last key (queries are the newest Sq of Sk tokens).
+    """
+    mask = None
+    if is_causal:
+        q_pos = jnp.arange(seq_q)[:, None] + (seq_k - seq_q)
+        mask = (q_pos >= jnp.arange(seq_k)[None, :])[None, None, None]
+    if segment_ids is not None:
+        same = segment_ids[:, -seq_q:, None] == segment_ids[:, None, :]
+        same = same[:, None, None]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def reference_attention(q, k, v, *, is_causal: bool = False, scale: float | None = None,
+                        segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Softmax attention with grouped kv heads, in plain jnp (scores and softmax statistics in fp32 or wider).
+
+    Args:
+      q: (B, Sq, Hq, d) queries.
+      k: (B, Sk, Hkv, d) keys; Hkv divides Hq, query head h uses kv head h // (Hq // Hkv).
+      v: (B, Sk, Hkv, dv) values.
+      is_causal: mask keys after each query (last query aligned with last key).
+      scale: score scale; default 1/sqrt(d).
+      segment_ids: (B, S) int, S == Sq == Sk: tokens attend only within their segment.
+    Returns:
+      (B, Sq, Hq, dv) in q's dtype. A query with no allowed key gets 0, never NaN.
+    """
+    batch, seq_q, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_q_heads // num_kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    # GQA without repeating k/v in memory: query heads of one kv head form a group axis.
+    qg = q.reshape(batch, seq_q, num_kv_heads, group, head_dim)
+    wide = stats_dtype(q.dtype)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=wide) * scale
+    mask = attention_mask(seq_q, k.shape[1], is_causal=is_causal, segment_ids=segment_ids)
+    if mask is not None:
+        scores = jnp.where(mask, scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # fully masked row: exp(-inf) = 0
+    probs = jnp.exp(scores - jax.lax.stop_gradient(row_max))
+    denom = jnp.sum(probs, axis=-1, keepdims=True)
+    probs = probs / jnp.where(denom == 0.0, 1.0, denom)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v,
+                     preferred_element_type=wide)
+    return out.reshape(batch, seq_q, num_q_heads, v.shape[-1]).astype(q.dtype)
+
+
+def _check_inputs(q, k, v, segment_ids):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"q, k, v must be (B, S, H, d); got q {q.shape}, k {k.shape}, v {v.shape}")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
+        raise ValueError(
+            f"k and v must share (B, Sk, Hkv) and q the batch B; got q {q.shape}, k {k.shape}, v {v.shape}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: q {q.shape[-1]}, k {k.shape[-1]}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]}): q {q.shape}, k {k.shape}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if segment_ids is not None:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(f"segment_ids need Sq == Sk, got Sq={q.shape[1]}, Sk={k.shape[1]}")
+        if segment_ids.shape != q.shape[:2]:
+            raise ValueError(f"segment_ids must be (B, S) = {q.shape[:2]}, got {segment_ids.shape}")
+
+
+def default_implementation(q, k, v, segment_ids) -> str:
+    """cuDNN on a GPU when it supports the call (bf16/fp16, equal head dims, no segments), else xla."""
+    on_gpu = jax.default_backend() == "gpu"
+    cudnn_ok = q.dtype in _CUDNN_DTYPES and v.shape[-1] == q.shape[-1] and segment_ids is None
+    return "cudnn" if on_gpu and cudnn_ok else "xla"
+
+
+def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | None = None,
+                          segment_ids: jnp.ndarray | None = None,
+                          implementation: str | None = None) -> jnp.ndarray:
+    """Softmax attention with GQA, through the backend ``implementation`` names.
+
+    Args:
+      q: (B, Sq, Hq, d); k: (B, Sk, Hkv, d); v: (B, Sk, Hkv, dv); Hkv divides Hq.
+      is_causal: causal mask (last query aligned with last key).
+      scale: score scale, default 1/sqrt(d).
+      segment_ids: (B, S) int32 for packed sequences (needs Sq == Sk).
+      implementation: ``"xla"`` (plain jnp, always available), ``"cudnn"``
+        (``jax.nn.dot_product_attention``, GPU, bf16/fp16, d == dv, no segment_ids), or None to pick
+        cudnn where it applies and xla otherwise.
+    Returns:
+      (B, Sq, Hq, dv) in q's dtype.
+    """
+    _check_inputs(q, k, v, segment_ids)
+    if implementation is None:
+        implementation = default_implementation(q, k, v, segment_ids)
+    if implementation == "xla":
+        return reference_attention(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids)
+    if implementation == "cudnn":
+        if segment_ids is not None or q.dtype not in _CUDNN_DTYPES or v.shape[-1] != q.shape[-1]:
+            raise ValueError(
+                f"implementation='cudnn' needs bf16/fp16 inputs, d == dv and no segment_ids; got dtype "
+                f"{q.dtype}, d={q.shape[-1]}, dv={v.shape[-1]}, segment_ids "
+                f"{'given' if segment_ids is not None else 'None'}; use implementation='xla'")
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=is_causal,
+                                            implementation="cudnn")
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
