@@ -6,6 +6,7 @@ with the same interface); Flax NNX modules in ``ccajax.modules``; ZAYA1 weight i
 ``ccajax.attention``.
 """
 
+from ccajax import attention, convert, costs
 from ccajax.attention import dot_product_attention
 from ccajax.cca import cca_attention, cca_qkv, init_cca_params
 from ccajax.config import CCAConfig, MHAConfig, MLAConfig
@@ -15,6 +16,7 @@ from ccajax.modules import (CCAttention, MultiHeadAttention, MultiLatentAttentio
                             attention_module)
 
 __all__ = [
+    "attention", "convert", "costs",
     "CCAConfig", "MHAConfig", "MLAConfig",
     "init_cca_params", "cca_attention", "cca_qkv",
     "init_mha_params", "mha_attention", "init_mla_params", "mla_attention",

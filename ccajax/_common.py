@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ccajax.rope import default_positions
+from ccajax.rope import contiguous_segments, default_positions
 
 
 def lecun_normal(key, shape, dtype, fan_in: int) -> jnp.ndarray:
@@ -27,11 +27,11 @@ def prepare_inputs(x, d_model: int, segment_ids, positions, dtype):
     Args:
       x: (B, S, E) floating layer input.
       d_model: the config's E.
-      segment_ids: (B, S) integer ids or None.
+      segment_ids: (B, S) integer ids or None; each maximal run of equal ids is one segment.
       positions: (B, S) or (S,) integer RoPE positions, or None for 0..S-1 (restarting per segment).
       dtype: compute dtype or None for x's dtype.
     Returns:
-      (x cast to the compute dtype, positions (B, S) int32, segment_ids or None).
+      (x cast to the compute dtype, positions (B, S) int32, run-numbered segment_ids or None).
     """
     x = jnp.asarray(x)
     if x.ndim != 3:
@@ -50,6 +50,7 @@ def prepare_inputs(x, d_model: int, segment_ids, positions, dtype):
             raise ValueError(
                 f"segment_ids must be integer (batch, seq_len) = {(batch, seq_len)}, got "
                 f"{segment_ids.shape} {segment_ids.dtype}")
+        segment_ids = contiguous_segments(segment_ids)
     if positions is None:
         positions = default_positions(segment_ids, batch, seq_len)
     else:

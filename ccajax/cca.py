@@ -212,8 +212,9 @@ def cca_attention(params: dict, x: jnp.ndarray, cfg: CCAConfig, *,
       params: pytree from `init_cca_params` (any float dtype; cast to the compute dtype).
       x: (B, S, E) layer input (after the block's pre-norm).
       cfg: the layer's `CCAConfig`.
-      segment_ids: (B, S) int for packed sequences: attention, the convolutions and the value shift
-        stay inside a segment, and default positions restart at each segment.
+      segment_ids: (B, S) int for packed sequences; a segment is a maximal run of equal ids.
+        Attention, the convolutions and the value shift stay inside a segment, and default
+        positions restart at each segment.
       positions: (S,) or (B, S) int RoPE positions; default 0..S-1 (per segment).
       implementation: attention backend for `ccajax.attention.dot_product_attention`.
       dtype: compute dtype; default x's dtype.

@@ -11,6 +11,22 @@ def stats_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _segment_starts(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """(B, S) bool: True at the first token of each maximal run of equal ids."""
+    first = jnp.ones((segment_ids.shape[0], 1), bool)
+    return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+
+def contiguous_segments(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """Renumbers (B, S) ids so that each maximal run of equal ids is its own segment (int32).
+
+    Layers use runs as segments everywhere (attention, convolutions, value shift, positions), so an
+    id reused later in a row, e.g. [0, 0, 1, 1, 0, 0], starts a new segment rather than joining
+    the earlier one.
+    """
+    return jnp.cumsum(_segment_starts(segment_ids), axis=1, dtype=jnp.int32)
+
+
 def default_positions(segment_ids: jnp.ndarray | None, batch: int, seq_len: int) -> jnp.ndarray:
     """Token positions (B, S) int32: 0..S-1, or restarting at 0 at each segment start.
 
@@ -20,10 +36,8 @@ def default_positions(segment_ids: jnp.ndarray | None, batch: int, seq_len: int)
     index = jnp.arange(seq_len, dtype=jnp.int32)
     if segment_ids is None:
         return jnp.broadcast_to(index, (batch, seq_len))
-    starts = jnp.concatenate(
-        [jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     # Index of the latest segment start at or before each token.
-    last_start = lax.cummax(jnp.where(starts, index, 0), axis=1)
+    last_start = lax.cummax(jnp.where(_segment_starts(segment_ids), index, 0), axis=1)
     return index - last_start
 
 

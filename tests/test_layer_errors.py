@@ -40,3 +40,13 @@ def test_param_errors():
 def test_errors_surface_under_jit():
     with pytest.raises(ValueError, match="x has width 48"):
         jax.jit(lambda p, x: cca_attention(p, x, CFG))(PARAMS, jnp.zeros((1, 3, 48)))
+
+
+def test_reused_segment_id_starts_a_new_segment():
+    # A segment is a run of equal ids: [0, 0, 1, 1, 0, 0] packs three sequences, like [0, 0, 1, 1, 2, 2].
+    x = jax.random.normal(jax.random.key(2), (1, 6, 32))
+    reused = cca_attention(PARAMS, x, CFG, segment_ids=jnp.asarray([[0, 0, 1, 1, 0, 0]]))
+    distinct = cca_attention(PARAMS, x, CFG, segment_ids=jnp.asarray([[0, 0, 1, 1, 2, 2]]))
+    alone = cca_attention(PARAMS, x[:, 4:], CFG)
+    assert jnp.array_equal(reused, distinct)
+    assert jnp.allclose(reused[:, 4:], alone, atol=1e-5)
