@@ -89,9 +89,15 @@ def _check_inputs(q, k, v, segment_ids):
 
 
 def default_implementation(q, k, v, segment_ids) -> str:
-    """cuDNN on a GPU when it supports the call (bf16/fp16, equal head dims, no segments), else xla."""
+    """cuDNN on a GPU when it supports the call, forward and backward, else xla.
+
+    cuDNN needs bf16/fp16, equal q/v head dims and no segments here; its backward (jax 0.11.2,
+    cuDNN 9.19 on H100) raises NotImplementedError for odd sequence lengths, so those go to xla.
+    """
     on_gpu = jax.default_backend() == "gpu"
-    cudnn_ok = q.dtype in _CUDNN_DTYPES and v.shape[-1] == q.shape[-1] and segment_ids is None
+    even = q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0
+    cudnn_ok = (q.dtype in _CUDNN_DTYPES and v.shape[-1] == q.shape[-1] and segment_ids is None
+                and even)
     return "cudnn" if on_gpu and cudnn_ok else "xla"
 
 
@@ -106,8 +112,8 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | No
       scale: score scale, default 1/sqrt(d).
       segment_ids: (B, S) int32 for packed sequences (needs Sq == Sk).
       implementation: ``"xla"`` (plain jnp, always available), ``"cudnn"``
-        (``jax.nn.dot_product_attention``, GPU, bf16/fp16, d == dv, no segment_ids), or None to pick
-        cudnn where it applies and xla otherwise.
+        (``jax.nn.dot_product_attention``, GPU, bf16/fp16, d == dv, no segment_ids; its backward
+        needs even lengths), or None to pick cudnn where it applies and xla otherwise.
     Returns:
       (B, Sq, Hq, dv) in q's dtype.
     """
