@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ccajax.attention import dot_product_attention
 from ccajax.rope import contiguous_segments, default_positions
 
 
@@ -92,3 +93,23 @@ def check_params(params, init_fn, cfg) -> None:
             raise ValueError(f"params have {path} that this config does not use: {cfg}")
         if got[path] != want[path]:
             raise ValueError(f"params{path} has shape {got[path]}, expected {want[path]} for {cfg}")
+
+
+def attend(params, x, cfg, init_fn, qkv_fn, *, segment_ids, positions, implementation, dtype):
+    """The body every attention layer shares: checks, casts, q/k/v, then the dispatched attention.
+
+    Args:
+      params, x (B, S, E), cfg: the layer's params, input and config.
+      init_fn: the layer's param initialiser (its shapes validate ``params``).
+      qkv_fn: ``(params, x, positions, segment_ids) -> (q, k, v)`` on compute-dtype params.
+      segment_ids, positions, implementation, dtype: as in `ccajax.cca_attention`.
+    Returns:
+      (o (B, S, Hq*dv) in the compute dtype, params cast to the compute dtype) for the up-projection.
+    """
+    check_params(params, init_fn, cfg)
+    x, positions, segment_ids = prepare_inputs(x, cfg.d_model, segment_ids, positions, dtype)
+    params = cast_tree(params, x.dtype)
+    q, k, v = qkv_fn(params, x, positions, segment_ids)
+    o = dot_product_attention(q, k, v, is_causal=cfg.causal, segment_ids=segment_ids,
+                              implementation=implementation)
+    return o.reshape(*x.shape[:2], -1), params

@@ -18,8 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ccajax._common import cast_tree, check_params, lecun_normal, prepare_inputs, split_heads, torch_uniform
-from ccajax.attention import dot_product_attention
+from ccajax._common import attend, lecun_normal, split_heads, torch_uniform
 from ccajax.config import CCAConfig, rotary_dims
 from ccajax.rope import apply_rope, default_positions, stats_dtype
 
@@ -221,10 +220,8 @@ def cca_attention(params: dict, x: jnp.ndarray, cfg: CCAConfig, *,
     Returns:
       y (B, S, E) in the compute dtype.
     """
-    check_params(params, init_cca_params, cfg)
-    x, positions, segment_ids = prepare_inputs(x, cfg.d_model, segment_ids, positions, dtype)
-    params = cast_tree(params, x.dtype)
-    q, k, v = cca_qkv(params, x, cfg, positions, segment_ids)
-    o = dot_product_attention(q, k, v, is_causal=cfg.causal, segment_ids=segment_ids,
-                              implementation=implementation)
-    return o.reshape(*x.shape[:2], cfg.q_width) @ params["out"]["wo"]
+    o, params = attend(params, x, cfg, init_cca_params,
+                       lambda p, x, pos, seg: cca_qkv(p, x, cfg, pos, seg),
+                       segment_ids=segment_ids, positions=positions,
+                       implementation=implementation, dtype=dtype)
+    return o @ params["out"]["wo"]

@@ -9,8 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ccajax._common import cast_tree, check_params, lecun_normal, prepare_inputs, split_heads
-from ccajax.attention import dot_product_attention
+from ccajax._common import attend, lecun_normal, split_heads
 from ccajax.config import MHAConfig, rotary_dims
 from ccajax.rope import apply_rope
 
@@ -42,10 +41,7 @@ def mha_attention(params: dict, x: jnp.ndarray, cfg: MHAConfig, *,
       positions (S,) or (B, S) int or None; implementation: attention backend; dtype: compute dtype.
     Returns: y (B, S, E).
     """
-    check_params(params, init_mha_params, cfg)
-    x, positions, segment_ids = prepare_inputs(x, cfg.d_model, segment_ids, positions, dtype)
-    params = cast_tree(params, x.dtype)
-    q, k, v = mha_qkv(params, x, cfg, positions)
-    o = dot_product_attention(q, k, v, is_causal=cfg.causal, segment_ids=segment_ids,
-                              implementation=implementation)
-    return o.reshape(*x.shape[:2], -1) @ params["wo"]
+    o, params = attend(params, x, cfg, init_mha_params, lambda p, x, pos, _: mha_qkv(p, x, cfg, pos),
+                       segment_ids=segment_ids, positions=positions,
+                       implementation=implementation, dtype=dtype)
+    return o @ params["wo"]

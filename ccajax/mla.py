@@ -15,8 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ccajax._common import cast_tree, check_params, lecun_normal, prepare_inputs, split_heads
-from ccajax.attention import dot_product_attention
+from ccajax._common import attend, lecun_normal, split_heads
 from ccajax.config import MLAConfig
 from ccajax.rope import apply_rope, stats_dtype
 
@@ -82,10 +81,7 @@ def mla_attention(params: dict, x: jnp.ndarray, cfg: MLAConfig, *,
       positions (S,) or (B, S) int or None; implementation: attention backend; dtype: compute dtype.
     Returns: y (B, S, E).
     """
-    check_params(params, init_mla_params, cfg)
-    x, positions, segment_ids = prepare_inputs(x, cfg.d_model, segment_ids, positions, dtype)
-    params = cast_tree(params, x.dtype)
-    q, k, v = mla_qkv(params, x, cfg, positions)
-    o = dot_product_attention(q, k, v, is_causal=cfg.causal, segment_ids=segment_ids,
-                              implementation=implementation)
-    return o.reshape(*x.shape[:2], -1) @ params["wo"]
+    o, params = attend(params, x, cfg, init_mla_params, lambda p, x, pos, _: mla_qkv(p, x, cfg, pos),
+                       segment_ids=segment_ids, positions=positions,
+                       implementation=implementation, dtype=dtype)
+    return o @ params["wo"]
