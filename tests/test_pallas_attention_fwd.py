@@ -1,0 +1,182 @@
+"""The Mosaic GPU (sm90) flash-attention forward against the jnp reference, on the CPU.
+
+The kernel runs under ``plgpu.force_gpu_interpret_mode`` with the interpreter's race detector on:
+TMA copies, barriers and wgmma are simulated, and a missing barrier wait or a copy into a slot
+still being read is reported as a race (both were planted once and caught). The reference is
+``ccajax.attention.reference_attention`` computed in float32 from the same 16-bit inputs, so the
+tolerances cover only the kernel's own rounding (P cast to the input dtype before the P v matmul,
+output cast). Shapes stay at one or two tiles per axis to keep interpret mode fast.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ccajax.attention import attention_mask, reference_attention
+from ccajax.pallas.attention_fwd_sm90 import attention_fwd
+
+# Measured worst max-abs errors in interpret mode over this file's shapes x 3 seeds (inputs
+# ~N(0, 1)): bf16 out 7.9e-3, fp16 out 9.5e-4, lse 1e-6. The bounds leave 2.5-3x headroom on out;
+# the lse bound is loose on purpose (the GPU build uses approximate exp2/log2, approx_math=True).
+OUT_TOL = {"bfloat16": 2e-2, "float16": 3e-3}
+LSE_TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _fresh_interpreter():
+    """An exception inside an interpreted kernel leaves global interpreter state behind."""
+    yield
+    gpu_interpret.reset_gpu_interpret_mode_state()
+
+
+def _inputs(rng, dtype, batch, seq_q, seq_k, hq, hkv, d):
+    shapes = [(batch, seq_q, hq, d), (batch, seq_k, hkv, d), (batch, seq_k, hkv, d)]
+    return tuple(jnp.asarray(rng.normal(size=s), dtype) for s in shapes)
+
+
+def _run(q, k, v, **kwargs):
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+        out, lse = attention_fwd(q, k, v, **kwargs)
+        out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
+    assert not gpu_interpret.get_races().races_found, "interpreter found a data race"
+    return out, lse
+
+
+def _reference_lse(q, k, *, is_causal, scale):
+    """(B, Hq, Sq) natural-log logsumexp of the scaled, masked fp32 scores."""
+    batch, seq_q, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.astype(jnp.float32).reshape(batch, seq_q, hkv, hq // hkv, d)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32)) * scale
+    mask = attention_mask(seq_q, k.shape[1], is_causal=is_causal, segment_ids=None)
+    if mask is not None:
+        scores = jnp.where(mask, scores, -jnp.inf)
+    return np.asarray(jax.nn.logsumexp(scores, axis=-1).reshape(batch, hq, seq_q))
+
+
+def _check(q, k, v, *, is_causal, scale=None, **kwargs):
+    out, lse = _run(q, k, v, is_causal=is_causal, scale=scale, **kwargs)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = np.asarray(reference_attention(*f32, is_causal=is_causal, scale=scale))
+    ref_lse = _reference_lse(q, k, is_causal=is_causal, scale=scale)
+    assert out.shape == q.shape and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    assert lse.dtype == np.float32
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
+    tol = OUT_TOL[jnp.dtype(q.dtype).name]
+    np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
+    # -inf rows must match exactly (assert_allclose treats equal infinities as equal).
+    np.testing.assert_allclose(lse, ref_lse, atol=LSE_TOL, rtol=LSE_TOL)
+    return out, lse
+
+
+SHAPES = {
+    # id: (batch, Sq, Sk, Hq, Hkv, d)
+    "gqa2-s100-d64": (1, 100, 100, 2, 1, 64),  # two tiles per axis, ragged tail
+    "gqa4-s64-d128": (2, 64, 64, 4, 1, 128),
+    "mha-s1-d64": (1, 1, 1, 2, 2, 64),  # length 1: 63 padded rows and keys
+    "gqa8-s128-d64": (1, 128, 128, 8, 1, 64),
+}
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_matches_reference(rng, shape, dtype, is_causal):
+    batch, seq_q, seq_k, hq, hkv, d = shape
+    _check(*_inputs(rng, dtype, batch, seq_q, seq_k, hq, hkv, d), is_causal=is_causal)
+
+
+@pytest.mark.parametrize(
+    "seq_q, seq_k, block_q, block_kv, d",
+    [(300, 300, 128, 64, 64),  # unmasked causal tiles before the diagonal, 3 q blocks
+     (200, 330, 64, 128, 128),  # Sk > Sq: diagonal shifted right, 3 kv blocks
+     (128, 256, 128, 128, 128)],  # block multiples: no padding at all
+    ids=["s300-bq128-bkv64", "sq200-sk330-bkv128-d128", "sq128-sk256-b128"])
+def test_block_sizes_and_unequal_lengths(rng, seq_q, seq_k, block_q, block_kv, d):
+    for is_causal in (True, False):
+        _check(*_inputs(rng, jnp.bfloat16, 1, seq_q, seq_k, 2, 1, d), is_causal=is_causal,
+               block_q=block_q, block_kv=block_kv)
+
+
+def test_causal_rows_without_keys_give_zero_and_minus_inf(rng):
+    # Sq > Sk, causal: the first Sq - Sk queries precede every key.
+    q, k, v = _inputs(rng, jnp.bfloat16, 1, 130, 70, 2, 1, 64)
+    out, lse = _check(q, k, v, is_causal=True)
+    assert np.all(out[:, :60] == 0.0)
+    assert np.all(lse[:, :, :60] == -np.inf)
+    assert np.all(np.isfinite(lse[:, :, 60:]))
+
+
+def test_explicit_scale(rng):
+    _check(*_inputs(rng, jnp.float16, 1, 100, 100, 2, 2, 64), is_causal=True, scale=0.3)
+
+
+def _args(**over):
+    shapes = dict(q=(1, 64, 4, 64), k=(1, 64, 2, 64), v=(1, 64, 2, 64))
+    dtypes = dict(q=jnp.bfloat16, k=jnp.bfloat16, v=jnp.bfloat16)
+    kwargs = dict(is_causal=False, scale=None)
+    for key, val in over.items():
+        if key.endswith("_shape"):
+            shapes[key[0]] = val
+        elif key.endswith("_dtype"):
+            dtypes[key[0]] = val
+        else:
+            kwargs[key] = val
+    arrays = [jnp.zeros(shapes[n], dtypes[n]) for n in "qkv"]
+    return arrays, kwargs
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(q_dtype=jnp.float32, k_dtype=jnp.float32, v_dtype=jnp.float32),
+     r"q.dtype must be bfloat16 or float16; got q.dtype=float32"),
+    (dict(k_dtype=jnp.float16), r"share one dtype; got q bfloat16, k float16"),
+    (dict(q_shape=(1, 64, 4, 96), k_shape=(1, 64, 2, 96), v_shape=(1, 64, 2, 96)),
+     r"head dim d must be one of \(64, 128\); got d=96"),
+    (dict(k_shape=(1, 64, 3, 64), v_shape=(1, 64, 3, 64)),
+     r"Hkv must divide query heads Hq; got Hq=4, Hkv=3"),
+    (dict(block_q=96), r"block_q must be a positive multiple of 64 .*; got block_q=96"),
+    (dict(block_kv=32), r"block_kv must be a positive multiple of 64 .*; got block_kv=32"),
+    (dict(v_shape=(1, 32, 2, 64)), r"k and v must have the same shape"),
+    (dict(k_shape=(2, 64, 2, 64), v_shape=(2, 64, 2, 64)), r"share the batch B"),
+    (dict(q_shape=(64, 4, 64)), r"q must be 4-D \(B, S, H, d\); got q.shape=\(64, 4, 64\)"),
+    (dict(q_shape=(1, 64, 4, 128)), r"share the head dim d; got q d=128, k d=64"),
+    (dict(scale=-1.0), r"scale must be a finite positive float or None; got scale=-1.0"),
+], ids=["f32", "mixed-dtypes", "d96", "hkv-not-dividing", "block_q96", "block_kv32",
+        "k-v-shapes", "batch", "q-3d", "q-k-head-dim", "negative-scale"])
+def test_errors(over, match):
+    arrays, kwargs = _args(**over)
+    with pytest.raises(ValueError, match=match):
+        attention_fwd(*arrays, **kwargs)
+
+
+def test_lse_is_natural_log():
+    # One key per query: lse is exactly the scaled score, out is exactly v.
+    q = jnp.full((1, 1, 1, 64), 0.5, jnp.bfloat16)
+    k = jnp.full((1, 1, 1, 64), 0.25, jnp.bfloat16)
+    v = jnp.full((1, 1, 1, 64), 3.0, jnp.bfloat16)
+    out, lse = _run(q, k, v, is_causal=False, scale=1.0)
+    np.testing.assert_allclose(lse, np.full((1, 1, 1), 64 * 0.125), rtol=1e-5)
+    np.testing.assert_allclose(out, np.full((1, 1, 1, 64), 3.0))
+    assert math.isclose(float(lse[0, 0, 0]), 8.0, rel_tol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="compiles the kernel for a real Hopper GPU; CPU runs use interpret mode above")
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("blocks", [(64, 64), (128, 128)], ids=["b64", "b128"])
+def test_compiled_on_gpu(rng, blocks, is_causal):
+    q, k, v = _inputs(rng, jnp.bfloat16, 2, 1000, 1000, 8, 2, 128)
+    out, lse = attention_fwd(q, k, v, is_causal=is_causal, scale=None, block_q=blocks[0],
+                             block_kv=blocks[1])
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = np.asarray(reference_attention(*f32, is_causal=is_causal))
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), ref, atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(np.asarray(lse), _reference_lse(q, k, is_causal=is_causal,
+                                                              scale=128 ** -0.5),
+                               atol=LSE_TOL, rtol=LSE_TOL)
