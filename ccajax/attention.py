@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from ccajax.rope import stats_dtype
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", "mosaic")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -103,7 +103,7 @@ def default_implementation(q, k, v, segment_ids) -> str:
 
 def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | None = None,
                           segment_ids: jnp.ndarray | None = None,
-                          implementation: str | None = None) -> jnp.ndarray:
+                          implementation: str | None = None, interpret: bool = False) -> jnp.ndarray:
     """Softmax attention with GQA, through the backend ``implementation`` names.
 
     Args:
@@ -113,13 +113,19 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | No
       segment_ids: (B, S) int32 for packed sequences (needs Sq == Sk).
       implementation: ``"xla"`` (plain jnp, always available), ``"cudnn"``
         (``jax.nn.dot_product_attention``, GPU, bf16/fp16, d == dv, no segment_ids; its backward
-        needs even lengths), or None to pick cudnn where it applies and xla otherwise.
+        needs even lengths), ``"mosaic"`` (our Pallas Mosaic GPU kernel, Hopper, bf16/fp16,
+        d in {64, 128}, no segment_ids yet), or None to pick cudnn where it applies and xla
+        otherwise (mosaic becomes the default once it measures faster than cuDNN).
+      interpret: run the mosaic kernel on the CPU in Mosaic GPU interpret mode (for tests);
+        implies ``implementation="mosaic"``.
     Returns:
       (B, Sq, Hq, dv) in q's dtype.
     """
     _check_inputs(q, k, v, segment_ids)
+    if interpret and implementation not in (None, "mosaic"):
+        raise ValueError(f"interpret=True runs the mosaic kernel; got implementation={implementation!r}")
     if implementation is None:
-        implementation = default_implementation(q, k, v, segment_ids)
+        implementation = "mosaic" if interpret else default_implementation(q, k, v, segment_ids)
     if implementation == "xla":
         return reference_attention(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids)
     if implementation == "cudnn":
@@ -130,4 +136,11 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | No
                 f"{'given' if segment_ids is not None else 'None'}; use implementation='xla'")
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=is_causal,
                                             implementation="cudnn")
+    if implementation == "mosaic":
+        if segment_ids is not None:
+            raise ValueError("implementation='mosaic' does not take segment_ids yet; use "
+                             "implementation='xla' for packed sequences")
+        # Imported here: Pallas' Mosaic GPU modules load only when the kernel is asked for.
+        from ccajax.pallas.attention import mosaic_attention
+        return mosaic_attention(q, k, v, is_causal=is_causal, scale=scale, interpret=interpret)
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
