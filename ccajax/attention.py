@@ -55,13 +55,16 @@ def reference_attention(q, k, v, *, is_causal: bool = False, scale: float | None
     wide = stats_dtype(q.dtype)
     scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=wide) * scale
     mask = attention_mask(seq_q, k.shape[1], is_causal=is_causal, segment_ids=segment_ids)
+    # Masks are applied as additive biases and guards as additions, not as jnp.where on
+    # differentiated values: jax 0.11.2 fails to transpose select_n inside shard_map on an
+    # Explicit mesh (ShardingTypeError).
     if mask is not None:
-        scores = jnp.where(mask, scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
+        scores = scores + jnp.where(mask, 0.0, -jnp.inf).astype(wide)
+    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # fully masked row: exp(-inf) = 0
-    probs = jnp.exp(scores - jax.lax.stop_gradient(row_max))
+    probs = jnp.exp(scores - row_max)
     denom = jnp.sum(probs, axis=-1, keepdims=True)
-    probs = probs / jnp.where(denom == 0.0, 1.0, denom)
+    probs = probs / (denom + (denom == 0.0).astype(wide))  # a fully masked row divides 0 by 1
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v,
                      preferred_element_type=wide)
     return out.reshape(batch, seq_q, num_q_heads, v.shape[-1]).astype(q.dtype)

@@ -51,8 +51,13 @@ def _attention_fwd(q, k, v, is_causal, scale, interpret):
 
 def _attention_bwd(is_causal, scale, interpret, residuals, d_out):
     del interpret
-    _, vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, is_causal=is_causal, scale=scale),
-                     *residuals)
+    out, vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, is_causal=is_causal, scale=scale),
+                       *residuals)
+    # Inside shard_map the cotangent may arrive without the output's varying mesh axes.
+    missing = tuple(jax.typeof(out).manual_axis_type.varying
+                    - jax.typeof(d_out).manual_axis_type.varying)
+    if missing:
+        d_out = jax.lax.pcast(d_out, missing, to="varying")
     return vjp(d_out)
 
 
