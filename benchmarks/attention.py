@@ -1,10 +1,12 @@
-"""Attention kernels side by side on the GPU: ours (mosaic) against cuDNN, ANCHORS' cells.
+"""Attention kernels side by side on the GPU: ours ("mosaic") against cuDNN, XLA and tokamax.
 
-    PYTHONPATH=. python3 benchmarks/attention.py --out=benchmarks/results/attention.json
+    PYTHONPATH=. python3 benchmarks/attention.py --out=$OUT/attention.json
 
+Cells: Hq:Hkv 16:16, 8:2, 4:4 at d=128, S = 1k (B=16), 4k (B=4), 16k and 32k (B=1), causal and not,
+bf16, forward and forward+backward, timed as `../shared/ANCHORS.md` says (`benchmarks/timing.py`).
 TF/s counts attention matmul FLOPs only: 4*B*S^2*Hq*d, halved when causal; fwd+bwd is 3.5x that.
-Each cell also checks ours against cuDNN (max |diff| of the outputs). Peers that need carried
-wheels (tokamax, FlashAttention-3) are not in this run.
+Each cell also records ours against cuDNN (max |diff| of the forward outputs). tokamax runs when it
+is importable (carry its wheels); otherwise the reason is printed and recorded.
 """
 
 from __future__ import annotations
@@ -16,57 +18,98 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from ccajax.attention import dot_product_attention
 from benchmarks.timing import device_name, time_call
+from ccajax.attention import dot_product_attention
 
 flags.DEFINE_string("out", "benchmarks/results/attention.json", "Where to write the JSON results.")
-flags.DEFINE_integer("head_dim", 128, "Head dim d.")
+flags.DEFINE_list("seq_lens", ["1024", "4096", "16384", "32768"], "Sequence lengths.")
+flags.DEFINE_list("heads", ["16:16", "8:2", "4:4"], "Hq:Hkv pairs.")
+flags.DEFINE_integer("tokens", 16384, "Batch is max(1, tokens // S).")
+flags.DEFINE_integer("xla_max_seq", 4096, "XLA materialises S^2 scores: time it only up to here.")
+flags.DEFINE_integer("repeats", 5, "Median of this many repeats of ten calls per sync.")
 FLAGS = flags.FLAGS
-
-# (S, B, Hq, Hkv): ANCHORS.md's cells.
-CELLS = [(16384, 1, 16, 16), (16384, 1, 8, 2), (16384, 1, 4, 4), (4096, 4, 8, 2), (32768, 1, 8, 2)]
+HEAD_DIM = 128
 
 
-def forward(impl, causal):
-    return jax.jit(lambda q, k, v: dot_product_attention(q, k, v, is_causal=causal, implementation=impl))
+def _tokamax():
+    try:
+        import tokamax  # noqa: F401  (not on the GPU image: needs carried wheels)
+    except Exception as e:  # noqa: BLE001 - any import failure means: not available
+        return None, f"tokamax not importable ({type(e).__name__}: {e})"
+    return (lambda q, k, v, causal: tokamax.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="mosaic")), None
 
 
-def forward_backward(impl, causal):
-    def loss(q, k, v):
-        return jnp.sum(dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
-                       .astype(jnp.float32))
-    return jax.jit(jax.grad(loss, (0, 1, 2)))
+def peers():
+    """name -> attention(q, k, v, causal), and name -> why it is missing."""
+    fns = {impl: (lambda impl: lambda q, k, v, causal: dot_product_attention(
+        q, k, v, is_causal=causal, implementation=impl))(impl) for impl in ("mosaic", "cudnn", "xla")}
+    tokamax_fn, why = _tokamax()
+    missing = {}
+    if tokamax_fn is None:
+        missing["tokamax"] = why
+    else:
+        fns["tokamax"] = tokamax_fn
+    return fns, missing
+
+
+def measure(fn, q, k, v, causal, flops):
+    fwd = jax.jit(lambda q, k, v: fn(q, k, v, causal))
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, causal).astype(jnp.float32)), (0, 1, 2)))
+    result = {}
+    for mode, f, mult in (("fwd", fwd, 1.0), ("fwdbwd", grad, 3.5)):
+        try:
+            ms = 1e3 * time_call(f, q, k, v, repeats=FLAGS.repeats)
+            result[mode] = {"ms": ms, "tflops": mult * flops / ms / 1e9}
+        except Exception as e:  # noqa: BLE001 - record why a peer could not run this cell
+            result[mode] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    return result
 
 
 def main(argv):
     del argv
-    d, rows = FLAGS.head_dim, []
-    for seq, batch, hq, hkv in CELLS:
-        keys = jax.random.split(jax.random.key(seq + hq), 3)
-        q = jax.random.normal(keys[0], (batch, seq, hq, d), jnp.bfloat16)
-        k, v = (jax.random.normal(key, (batch, seq, hkv, d), jnp.bfloat16) for key in keys[1:])
-        for causal in (True, False):
-            flops = 4 * batch * seq**2 * hq * d * (0.5 if causal else 1.0)
-            row = dict(seq=seq, batch=batch, hq=hq, hkv=hkv, d=d, causal=causal)
-            ours, theirs = forward("mosaic", causal)(q, k, v), forward("cudnn", causal)(q, k, v)
-            row["max_abs_diff_vs_cudnn"] = float(jnp.max(jnp.abs(
-                ours.astype(jnp.float32) - theirs.astype(jnp.float32))))
-            for impl in ("mosaic", "cudnn"):
-                row[f"{impl}_fwd_ms"] = 1e3 * time_call(forward(impl, causal), q, k, v)
-                row[f"{impl}_fwd_tflops"] = flops / row[f"{impl}_fwd_ms"] / 1e9
-            row["cudnn_fwdbwd_ms"] = 1e3 * time_call(forward_backward("cudnn", causal), q, k, v)
-            row["cudnn_fwdbwd_tflops"] = 3.5 * flops / row["cudnn_fwdbwd_ms"] / 1e9
-            rows.append(row)
-            print(f"S={seq:>5} B={batch} {hq:>2}:{hkv:<2} {'causal' if causal else 'full  '}  fwd TF/s "
-                  f"ours {row['mosaic_fwd_tflops']:5.0f}  cuDNN {row['cudnn_fwd_tflops']:5.0f}  "
-                  f"ratio {row['mosaic_fwd_tflops'] / row['cudnn_fwd_tflops']:.2f}   cuDNN fwd+bwd "
-                  f"{row['cudnn_fwdbwd_tflops']:5.0f}   |ours-cuDNN| {row['max_abs_diff_vs_cudnn']:.1e}",
-                  flush=True)
-    result = dict(device=device_name(), date=datetime.date.today().isoformat(),
-                  jax=jax.__version__, method="median of 7 repeats of 10 calls per sync",
-                  note="ours fwd+bwd not timed: its backward is still the jnp reference", rows=rows)
+    fns, missing = peers()
+    for name, why in missing.items():
+        print(f"skipping {name}: {why}")
+    rows = []
+    for seq in map(int, FLAGS.seq_lens):
+        batch = max(1, FLAGS.tokens // seq)
+        for heads in FLAGS.heads:
+            hq, hkv = map(int, heads.split(":"))
+            keys = jax.random.split(jax.random.key(seq + hq), 3)
+            q = jax.random.normal(keys[0], (batch, seq, hq, HEAD_DIM), jnp.bfloat16)
+            k, v = (jax.random.normal(key, (batch, seq, hkv, HEAD_DIM), jnp.bfloat16) for key in keys[1:])
+            for causal in (True, False):
+                flops = 4 * batch * seq**2 * hq * HEAD_DIM * (0.5 if causal else 1.0)
+                row = dict(seq=seq, batch=batch, hq=hq, hkv=hkv, d=HEAD_DIM, causal=causal, results={})
+                diff = (fns["mosaic"](q, k, v, causal).astype(jnp.float32)
+                        - fns["cudnn"](q, k, v, causal).astype(jnp.float32))
+                row["max_abs_diff_vs_cudnn"] = float(jnp.max(jnp.abs(diff)))
+                for name, fn in fns.items():
+                    if name == "xla" and seq > FLAGS.xla_max_seq:
+                        continue
+                    row["results"][name] = measure(fn, q, k, v, causal, flops)
+                rows.append(row)
+                print(format_row(row), flush=True)
+    result = dict(device=device_name(), date=datetime.date.today().isoformat(), jax=jax.__version__,
+                  method=f"median of {FLAGS.repeats} repeats of 10 calls per sync",
+                  missing_peers=missing, rows=rows)
     with open(FLAGS.out, "w") as f:
         json.dump(result, f, indent=1)
+    print(f"wrote {FLAGS.out}")
+
+
+def format_row(row) -> str:
+    """One line: TF/s of every peer, forward and fwd+bwd, and ours / best other peer."""
+    parts = [f"S={row['seq']:>5} B={row['batch']:<2} {row['hq']:>2}:{row['hkv']:<2} "
+             f"{'causal' if row['causal'] else 'full  '}"]
+    for mode in ("fwd", "fwdbwd"):
+        tf = {n: r[mode].get("tflops") for n, r in row["results"].items()}
+        peers_tf = [t for n, t in tf.items() if n != "mosaic" and t]
+        ratio = tf["mosaic"] / max(peers_tf) if tf.get("mosaic") and peers_tf else float("nan")
+        parts.append(f"{mode}: " + " ".join(f"{n} {t:4.0f}" if t else f"{n}  err"
+                                             for n, t in tf.items()) + f" | ours/best {ratio:.2f}")
+    return "  ".join(parts)
 
 
 if __name__ == "__main__":

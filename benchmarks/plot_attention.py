@@ -1,6 +1,6 @@
-"""Bar chart of a `benchmarks/attention.py` result: forward TF/s per cell, ours against cuDNN.
+"""Plot of a `benchmarks/attention.py` result: TF/s per cell and peer, forward and fwd+bwd panels.
 
-    python benchmarks/plot_attention.py benchmarks/results/attention_h100_2026-11-23.json
+    python benchmarks/plot_attention.py benchmarks/results/attention_h100_DATE.json
 """
 
 import json
@@ -12,22 +12,28 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+LABELS = {"mosaic": "ccajax (mosaic)", "cudnn": "cuDNN", "xla": "XLA", "tokamax": "tokamax"}
+
 
 def plot(path: Path) -> Path:
     result = json.loads(path.read_text())
     rows = result["rows"]
-    labels = [f"S={r['seq'] // 1024}k B={r['batch']}\n{r['hq']}:{r['hkv']} "
-              f"{'causal' if r['causal'] else 'full'}" for r in rows]
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(12, 4.5))
-    width = 0.4
-    ax.bar([x - width / 2 for x in xs], [r["mosaic_fwd_tflops"] for r in rows], width,
-           label="ccajax mosaic (first version)")
-    ax.bar([x + width / 2 for x in xs], [r["cudnn_fwd_tflops"] for r in rows], width, label="cuDNN")
-    ax.set_xticks(list(xs), labels, fontsize=8)
-    ax.set_ylabel("forward TF/s (bf16, d=128)")
-    ax.set_title(f"Attention forward, {result['device']}, {result['date']}, jax {result['jax']}")
-    ax.legend(loc="lower right")
+    names = [n for n in LABELS if any(n in r["results"] for r in rows)]
+    labels = [f"{r['seq'] // 1024}k×{r['batch']}\n{r['hq']}:{r['hkv']} {'c' if r['causal'] else 'f'}"
+              for r in rows]
+    fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.6 * len(rows)), 8), sharex=True)
+    width = 0.8 / len(names)
+    for ax, mode, title in zip(axes, ("fwd", "fwdbwd"), ("forward", "forward + backward")):
+        for i, name in enumerate(names):
+            values = [r["results"].get(name, {}).get(mode, {}).get("tflops", 0.0) for r in rows]
+            ax.bar([x + (i - (len(names) - 1) / 2) * width for x in range(len(rows))], values, width,
+                   label=LABELS[name])
+        ax.set_ylabel(f"{title} TF/s")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(loc="lower right", ncol=len(names))
+    axes[1].set_xticks(range(len(rows)), labels, fontsize=7)
+    fig.suptitle(f"Attention, bf16, d=128 ({result['device']}, {result['date']}, jax {result['jax']}); "
+                 "c = causal, f = full")
     fig.tight_layout()
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=110)
