@@ -13,43 +13,50 @@ Shapes
 
 Kernel layout
 -------------
-* Grid ``(Hq, num_q_blocks, B)``, one CTA (a single warpgroup, 128 threads) per
-  (query head, query block, batch). The CTA reads the k/v tiles of kv head ``h // group``
-  directly from the un-repeated (B, Sk, Hkv, d) arrays: the query heads of one kv head read the
-  same k/v tiles (from L2), k/v are never repeated in memory.
-* Memory pipeline: q is TMA-copied once into shared memory. k and v go through a two-slot ring
-  buffer in shared memory, each slot with its own TMA barrier. At the start of kv step i the CTA
-  issues the TMA copies of step i+1 into the other slot (whose last reader, step i-1, has fully
-  finished: every wgmma is awaited before its result is read), then waits for step i's k,
-  computes S = q k^T with ``wgmma``, waits for step i's v, and computes P v with ``wgmma``.
-  The v copy of step i thus overlaps the QK^T matmul and softmax of step i, and both copies of
-  step i+1 overlap all of step i.
-* Softmax: online (flash) rescaling in fp32, in the log2 domain with ``scale * log2(e)`` folded
-  into one multiply, so the exponentials are ``exp2``. P is cast to the input dtype and staged in
-  shared memory as the A operand of the P v wgmma (see "Interpret mode" below for why it is not
-  fed from registers).
-* Accumulators: each wgmma writes a fresh zero-initialised ``plgpu.ACC`` inside ``pl.run_scoped``
-  and its value is added to the running register accumulator (``acc = acc * alpha + P v``).
+* Grid ``(Hq, num_q_blocks, B)``, one CTA per (query head, query block of ``block_q`` = 128
+  rows, batch), made of ``compute_wgs`` = 2 compute warpgroups (64 query rows each) and one
+  producer warpgroup (``plgpu.kernel(..., num_threads=3)``). The CTA reads the k/v tiles of kv
+  head ``h // group`` directly from the un-repeated (B, Sk, Hkv, d) arrays (GQA without copies).
+  Under causal masking the q-block index is reversed so the longest rows are scheduled first.
+* Producer warpgroup (registers lowered to 40): issues the TMA copies of k and v (and of the kv
+  segment ids, on k's barrier) into a ``kv_stages``-slot ring; before refilling a slot it waits
+  on that slot's "consumed" barriers (one arrival per compute warpgroup), separately for k and v.
+* Compute warpgroups (registers raised to 232): each TMA-copies its own 64 q rows, then per kv
+  step waits k, runs S = q k^T (wgmma into a zero ``plgpu.ACC`` in ``pl.run_scoped``), releases k,
+  applies the mask if needed, online softmax in fp32 (log2 domain, ``exp2``), waits v and runs
+  acc += P v, releasing v. With ``pingpong`` the two warpgroups hand a shared barrier back and
+  forth so that one's softmax overlaps the other's matmuls (FA3 ping-pong).
+* P operand: with ``register_p`` (the GPU default) P stays in registers as the wgmma A operand
+  and the accumulator is updated in place (``pl.run_state`` + ``plgpu.ACC.init(acc)``). The
+  interpreter supports neither, so in interpret mode P is stored to shared memory
+  (``commit_smem``) and the P v product is added to the register accumulator.
 * Masking: kv steps are split into two loops. Steps whose whole tile is allowed for every row of
-  the query block run without any mask; the remaining steps (the causal diagonal tiles and the
-  tile holding the end of Sk) apply an iota mask. Under causal masking, kv blocks entirely above
-  the diagonal are never loaded nor computed.
+  the warpgroup run without any mask; the remaining steps (the causal diagonal tiles, the tile
+  holding the end of Sk, and every step when segment ids are given) apply an iota / segment-id
+  mask. Under causal masking, kv blocks entirely above the diagonal are never loaded.
+* Segment ids (``segment_ids``, Sq == Sk): the q block's ids are TMA-copied with q, each kv
+  tile's ids with k; rows are read in ``WGMMA.reduce(1)`` layout, columns in ``WGMMA.reduce(0)``,
+  broadcast and compared. A ``commit_smem`` fence precedes the release of the k slot, since the
+  ids were read with ordinary loads and the next TMA overwrites them.
 * Causal alignment: query i (0-based in Sq) may see key j iff ``j <= i + (Sk - Sq)``, i.e. the
   last query meets the last key (as :func:`ccajax.attention.reference_attention`). With Sq > Sk
   the first Sq - Sk queries see no key: out 0, lse -inf.
 * Sequence tails: the wrapper zero-pads Sq up to a multiple of block_q and Sk up to a multiple of
   block_kv (only when needed); padded keys are masked in the kernel and padded query rows are
   sliced off. This costs one copy of q/k/v when the lengths are not block multiples.
-* Epilogue: out = acc / l (0 where l == 0) is written to the q shared-memory tile and TMA-stored;
-  lse = (m + log2 l) * ln 2 likewise.
+* Epilogue: out = acc / l (0 where l == 0) is written to the warpgroup's q shared-memory tile and
+  TMA-stored; lse = (m + log2 l) * ln 2 likewise.
 
 Interpret mode (CPU)
 --------------------
 The kernel runs on the CPU under ``plgpu.force_gpu_interpret_mode()``, which simulates TMA,
-barriers and wgmma. In jax 0.11.2 that interpreter does not handle ``pl.run_state`` (so
-``plgpu.ACC.init(value)`` accumulators cannot be used) and its wgmma reads both operands from
-shared-memory refs (so a register-resident A operand is not supported). The kernel is written
-within those limits so that the very same code is tested on the CPU and run on the GPU.
+barriers, wgmma and the three warpgroups (as threads). In jax 0.11.2 that interpreter does not
+handle ``pl.run_state`` and its wgmma reads both operands from shared memory, hence the
+``register_p=False`` path there. The interpreter also requires every thread that waits on a
+barrier to wait on all of its phases: the producer therefore drains the last "consumed" phases,
+and a compute warpgroup with fewer causal steps than its CTA still waits/releases the remaining
+slots. It deadlocks on the 2-compute-warpgroup kernel with segment ids and a causal mask, so
+that combination runs with one compute warpgroup in interpret mode only.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src import config as jax_config
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -73,7 +81,8 @@ _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
 
-def _check_args(q, k, v, is_causal, scale, block_q, block_kv):
+def _check_args(q, k, v, is_causal, scale, block_q, block_kv, segment_ids, compute_wgs,
+                kv_stages):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"{name} must be 4-D (B, S, H, d); got {name}.shape={x.shape}")
@@ -108,11 +117,26 @@ def _check_args(q, k, v, is_causal, scale, block_q, block_kv):
             raise ValueError(
                 f"{name} must be a positive multiple of {BLOCK_MULTIPLE} and at most {MAX_BLOCK}; "
                 f"got {name}={blk!r}")
+    if compute_wgs not in (1, 2):
+        raise ValueError(f"compute_wgs must be 1 or 2; got compute_wgs={compute_wgs!r}")
+    if not isinstance(kv_stages, int) or not 2 <= kv_stages <= 4:
+        raise ValueError(f"kv_stages must be an int in [2, 4]; got kv_stages={kv_stages!r}")
     if not isinstance(is_causal, bool):
         raise ValueError(f"is_causal must be a bool; got is_causal={is_causal!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)
                                   and scale > 0):
         raise ValueError(f"scale must be a finite positive float or None; got scale={scale!r}")
+    if segment_ids is not None:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(
+                f"segment_ids need Sq == Sk; got Sq={q.shape[1]}, Sk={k.shape[1]}")
+        if tuple(segment_ids.shape) != (batch, q.shape[1]):
+            raise ValueError(
+                f"segment_ids must have shape (B, S) = {(batch, q.shape[1])}; got "
+                f"segment_ids.shape={tuple(segment_ids.shape)}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"segment_ids must be an integer array; got segment_ids.dtype={segment_ids.dtype}")
 
 
 def _round_up(x: int, m: int) -> int:
@@ -123,11 +147,19 @@ def _pad_seq(x, length):
     """Zero-pads axis 1 of x up to `length` (no copy when it already has that length)."""
     if x.shape[1] == length:
         return x
-    return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, length - x.shape[1])
+    return jnp.pad(x, pad)
 
 
-def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, block_q: int = 64,
-                  block_kv: int = 64):
+def in_interpret_mode() -> bool:
+    """True under ``plgpu.force_gpu_interpret_mode`` (read when the kernel is traced)."""
+    return jax_config.pallas_tpu_interpret_mode_context_manager.value is not None
+
+
+def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=None,
+                  block_q: int = 128, block_kv: int = 128, compute_wgs: int = 2,
+                  kv_stages: int = 2, register_p: bool | None = None, pingpong: bool = True):
     """Flash-attention forward on Hopper; see the module docstring for the kernel layout.
 
     Args:
@@ -136,163 +168,318 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, block_q: int
       v: (B, Sk, Hkv, d) values, same dtype.
       is_causal: causal mask with the last query aligned to the last key.
       scale: score scale (a static Python float); None means 1/sqrt(d).
-      block_q, block_kv: tile sizes, multiples of 64 (at most 256).
+      segment_ids: optional (B, S) integer array (cast to int32), needs Sq == Sk == S: query i
+        and key j attend iff ``segment_ids[b, i] == segment_ids[b, j]`` (and the causal mask,
+        if any, allows it).
+      block_q: query rows per CTA (multiple of 64, at most 256), split evenly over the compute
+        warpgroups (each gets a multiple of 64 rows; fewer warpgroups are used otherwise).
+      block_kv: keys per kv step (multiple of 64, at most 256).
+      compute_wgs: compute (consumer) warpgroups per CTA, 1 or 2; a producer warpgroup
+        issues the k/v TMA copies.
+      kv_stages: depth of the k/v shared-memory ring (2 to 4).
+      register_p: feed P to the P v wgmma from registers (True, GPU only: the interpreter
+        cannot) or through shared memory (False). None: registers on a GPU, shared memory under
+        ``plgpu.force_gpu_interpret_mode``.
+      pingpong: with 2 compute warpgroups, order their matmuls with a shared barrier so one's
+        softmax overlaps the other's wgmma (FA3 "ping-pong").
     Returns:
       (out, lse): out (B, Sq, Hq, d) in q's dtype; lse (B, Hq, Sq) float32, natural-log
       log-sum-exp of the scaled scores, -inf for rows that see no key (their out is 0).
     Raises:
-      ValueError: for unsupported dtypes, head dims, head counts, block sizes or mismatched
-        shapes; the message names the argument, the value and what is valid.
+      ValueError: for unsupported dtypes, head dims, head counts, block sizes, segment ids or
+        mismatched shapes; the message names the argument, the value and what is valid.
     """
-    _check_args(q, k, v, is_causal, scale, block_q, block_kv)
+    _check_args(q, k, v, is_causal, scale, block_q, block_kv, segment_ids, compute_wgs,
+                kv_stages)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _attention_fwd(q, k, v, is_causal=is_causal, scale=scale, block_q=block_q,
-                          block_kv=block_kv)
+    if register_p is None:
+        register_p = not in_interpret_mode()
+    if register_p and in_interpret_mode():
+        raise ValueError("register_p=True is not supported in Mosaic GPU interpret mode "
+                         "(its wgmma reads both operands from shared memory); use "
+                         "register_p=False or None")
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
+        if is_causal and in_interpret_mode():
+            # jax 0.11.2's interpreter deadlocks (its producer thread never runs) on the
+            # 2-compute-warpgroup kernel with segment_ids and a causal mask; the GPU build of that
+            # configuration is tested in test_compiled_on_gpu. See NOTES_attention.md.
+            compute_wgs = 1
+    return _attention_fwd(q, k, v, segment_ids, is_causal=is_causal, scale=scale,
+                          block_q=block_q, block_kv=block_kv, compute_wgs=compute_wgs,
+                          kv_stages=kv_stages, register_p=bool(register_p),
+                          pingpong=bool(pingpong))
 
 
-@functools.partial(jax.jit, static_argnames=("is_causal", "scale", "block_q", "block_kv"))
-def _attention_fwd(q, k, v, *, is_causal, scale, block_q, block_kv):
+@functools.partial(jax.jit, static_argnames=("is_causal", "scale", "block_q", "block_kv",
+                                             "compute_wgs", "kv_stages", "register_p",
+                                             "pingpong"))
+def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv, compute_wgs,
+                   kv_stages, register_p, pingpong):
     batch, seq_q, num_q_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
     dtype = q.dtype
+    has_segments = segment_ids is not None
 
     # Short sequences do not need a tile larger than their padded length.
     block_q = min(block_q, _round_up(seq_q, BLOCK_MULTIPLE))
     block_kv = min(block_kv, _round_up(seq_k, BLOCK_MULTIPLE))
+    # Each compute warpgroup owns wg_rows consecutive query rows of the CTA's block.
+    while block_q % (compute_wgs * BLOCK_MULTIPLE):
+        compute_wgs -= 1
+    wg_rows = block_q // compute_wgs
+    pingpong = pingpong and compute_wgs == 2
     seq_q_pad = _round_up(seq_q, block_q)
     seq_k_pad = _round_up(seq_k, block_kv)
     q_p, k_p, v_p = _pad_seq(q, seq_q_pad), _pad_seq(k, seq_k_pad), _pad_seq(v, seq_k_pad)
     num_q_blocks = seq_q_pad // block_q
     num_kv_blocks = seq_k_pad // block_kv
+    stages = min(kv_stages, num_kv_blocks)
     # Query i sees key j iff j <= i + causal_offset (last query aligned with last key).
     causal_offset = seq_k - seq_q
     # Scores are kept in log2 units: s = (q . k) * scale * log2(e), so softmax uses exp2.
     score_mult = scale * _LOG2E
 
-    def kernel(q_ref, k_ref, v_ref, out_ref, lse_ref,
-               q_smem, k_smem, v_smem, p_smem, lse_smem, q_barrier, k_barriers, v_barriers):
-        q_head = lax.axis_index("heads")
-        q_block = lax.axis_index("q_blocks")
-        b = lax.axis_index("batch")
-        kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
-        q_start = q_block * block_q
-
-        # --- which kv blocks this q block needs, and which of them need a mask -------------
+    def kv_range(q_start, rows):
+        """(kv steps, leading kv steps that need no mask) for query rows [q_start, +rows)."""
         if is_causal:
-            # Last key any row of this block may see (its last row's limit), exclusive end.
-            kv_end = jnp.clip(q_start + block_q + causal_offset, 0, seq_k)
-            kv_steps = lax.div(kv_end + (block_kv - 1), jnp.int32(block_kv))
+            # Exclusive end of the keys the last row may see.
+            kv_end = jnp.clip(q_start + rows + causal_offset, 0, seq_k)
+            steps = lax.div(kv_end + (block_kv - 1), jnp.int32(block_kv))
             # Tile j needs no causal mask when its last key <= the first row's limit.
-            first_row_limit = q_start + causal_offset  # inclusive, may be negative
-            unmasked_steps = lax.div(jnp.maximum(first_row_limit + 1, 0), jnp.int32(block_kv))
+            unmasked = lax.div(jnp.maximum(q_start + causal_offset + 1, 0), jnp.int32(block_kv))
         else:
-            kv_steps = jnp.int32(num_kv_blocks)
-            unmasked_steps = jnp.int32(num_kv_blocks)
+            steps = jnp.int32(num_kv_blocks)
+            unmasked = jnp.int32(num_kv_blocks)
         if seq_k % block_kv:
             # The last (partial) kv tile always goes through the masked loop.
-            unmasked_steps = jnp.minimum(unmasked_steps, num_kv_blocks - 1)
-        unmasked_steps = jnp.minimum(unmasked_steps, kv_steps)
+            unmasked = jnp.minimum(unmasked, num_kv_blocks - 1)
+        if has_segments:
+            unmasked = jnp.int32(0)  # every tile compares segment ids
+        return steps, jnp.minimum(unmasked, steps)
 
-        def issue_kv(step, slot):
-            rows = (b, pl.ds(step * block_kv, block_kv), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_barriers.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_barriers.at[slot])
+    def kernel(*refs, q_smem, k_smem, v_smem, p_smem, lse_smem, seg_q_smem, seg_kv_smem,
+               q_barriers, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier):
+        if has_segments:
+            q_ref, k_ref, v_ref, seg_ref, out_ref, lse_ref = refs
+        else:
+            (q_ref, k_ref, v_ref, out_ref, lse_ref), seg_ref = refs, None
+        q_head = lax.axis_index("heads")
+        q_block = lax.axis_index("q_blocks")
+        if is_causal:
+            # Longest rows first, so that the short causal blocks fill the tail of the grid.
+            q_block = num_q_blocks - 1 - q_block
+        b = lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
+        cta_q_start = q_block * block_q
+        cta_steps, _ = kv_range(cta_q_start, block_q)
 
-        plgpu.copy_gmem_to_smem(
-            q_ref.at[b, pl.ds(q_start, block_q), q_head], q_smem, q_barrier.at[0])
+        def schedule_sync():
+            plgpu.barrier_arrive(schedule_barrier)
+            plgpu.barrier_wait(schedule_barrier)
 
-        @pl.when(kv_steps > 0)
-        def _():
-            issue_kv(0, 0)
+        # ----------------------------------------------------------------- producer ---------
+        @pl.when(wg == compute_wgs)
+        def _producer():
+            if compute_wgs == 2:
+                plgpu.set_max_registers(40, action="decrease")
 
-        plgpu.barrier_wait(q_barrier.at[0])
+            def issue_k(step, slot):
+                rows = pl.ds(step * block_kv, block_kv)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot],
+                                        k_barriers.at[slot])
+                if has_segments:  # the kv ids share the k barrier (2 arrivals)
+                    plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], seg_kv_smem.at[slot],
+                                            k_barriers.at[slot])
 
-        def kv_step(step, carry, *, masked: bool):
+            def issue_v(step, slot):
+                rows = pl.ds(step * block_kv, block_kv)
+                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot],
+                                        v_barriers.at[slot])
+
+            for i in range(stages):
+                @pl.when(i < cta_steps)
+                def _():
+                    issue_k(i, i)
+                    issue_v(i, i)
+
+            @pl.loop(stages, jnp.maximum(cta_steps, stages))
+            def _refill(step):
+                slot = lax.rem(step, jnp.int32(stages))
+                plgpu.barrier_wait(k_consumed.at[slot])  # step - stages is done with k
+                issue_k(step, slot)
+                plgpu.barrier_wait(v_consumed.at[slot])
+                issue_v(step, slot)
+
+            # Observe the last consumed phases too: free on the GPU, and the interpreter
+            # requires a thread that waits on a barrier to wait on every phase.
+            @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
+            def _drain(step):
+                slot = lax.rem(step, jnp.int32(stages))
+                plgpu.barrier_wait(k_consumed.at[slot])
+                plgpu.barrier_wait(v_consumed.at[slot])
+
+        # ----------------------------------------------------------------- consumers --------
+        @pl.when(wg < compute_wgs)
+        def _consumer():
+            if compute_wgs == 2:
+                plgpu.set_max_registers(232, action="increase")
+            q_start = cta_q_start + wg * wg_rows
+            kv_steps, unmasked_steps = kv_range(q_start, wg_rows)
+            wg_q_smem = q_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, wg_rows), q_head], wg_q_smem,
+                                    q_barriers.at[wg])
+            if has_segments:  # shares the q barrier (2 arrivals)
+                plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(q_start, wg_rows)],
+                                        seg_q_smem.at[wg], q_barriers.at[wg])
+            plgpu.barrier_wait(q_barriers.at[wg])
+            row_ids = None
+            if has_segments:
+                row_ids = plgpu.load(seg_q_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                row_ids = lax.broadcast_in_dim(row_ids, (wg_rows, block_kv), [0])
+
+            if pingpong:
+                pl.when(wg == 1)(schedule_sync)
+
+            def kv_step(step, carry, *, masked: bool):
+                acc, m_i, l_i = carry
+                slot = lax.rem(step, jnp.int32(stages))
+                plgpu.barrier_wait(k_barriers.at[slot])
+                if has_segments:
+                    col_ids = plgpu.load(seg_kv_smem.at[slot],
+                                         layout=plgpu.Layout.WGMMA.reduce(0))
+
+                def qk_matmul(acc_ref):
+                    plgpu.wgmma(acc_ref, wg_q_smem, k_smem.at[slot].transpose((1, 0)))
+                    if pingpong:
+                        schedule_sync()  # let the other warpgroup issue its wgmma
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk_matmul, plgpu.ACC((wg_rows, block_kv), jnp.float32))
+                if has_segments:
+                    # The producer's next TMA (async proxy) overwrites the ids this warpgroup
+                    # just read with ordinary loads: fence the proxies before releasing.
+                    plgpu.commit_smem()
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                if masked:
+                    kv_ids = step * block_kv + plgpu.broadcasted_iota(
+                        jnp.int32, (wg_rows, block_kv), 1, layout=plgpu.Layout.WGMMA)
+                    allowed = kv_ids < seq_k
+                    if is_causal:
+                        q_ids = q_start + causal_offset + plgpu.broadcasted_iota(
+                            jnp.int32, (wg_rows, block_kv), 0, layout=plgpu.Layout.WGMMA)
+                        allowed = allowed & (kv_ids <= q_ids)
+                    if has_segments:
+                        allowed = allowed & (
+                            row_ids == lax.broadcast_in_dim(col_ids, s.shape, [1]))
+                    s = jnp.where(allowed, s, -jnp.inf)
+
+                m_new = jnp.maximum(m_i, s.max(axis=1) * score_mult)
+                if masked:
+                    # A row that has seen no allowed key keeps m = -inf; subtract 0 instead so
+                    # that exp2 gives 0 rather than NaN (-inf - -inf). Unmasked steps come
+                    # first and always see finite scores, so they need no such guard.
+                    m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                else:
+                    m_sub = m_new
+                alpha = jnp.exp2(m_i - m_sub)
+                p = jnp.exp2(s * score_mult - lax.broadcast_in_dim(m_sub, s.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i = l_i * alpha
+                p16 = p.astype(dtype)
+                l_i = l_i + p.sum(axis=1)
+                if pingpong:
+                    acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                    plgpu.barrier_arrive(schedule_barrier)  # softmax done
+                if not register_p:
+                    # P goes through shared memory (the interpreter's wgmma needs SMEM operands).
+                    p_smem.at[wg][...] = p16
+                    plgpu.commit_smem()  # generic-proxy store -> visible to wgmma (async proxy)
+                plgpu.barrier_wait(v_barriers.at[slot])
+                if pingpong:
+                    plgpu.barrier_wait(schedule_barrier)  # the tensor cores are ours again
+
+                if register_p:
+                    def pv_matmul(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+                    acc = pl.run_state(pv_matmul)(plgpu.ACC.init(acc))
+                else:
+                    def pv_matmul(acc_ref):
+                        plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
+                        return acc_ref[...]
+
+                    acc = acc + pl.run_scoped(pv_matmul,
+                                              plgpu.ACC((wg_rows, head_dim), jnp.float32))
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                return acc, m_new, l_i
+
+            m_i = plgpu.layout_cast(jnp.full((wg_rows,), -jnp.inf, jnp.float32),
+                                    plgpu.Layout.WGMMA.reduce(1))
+            l_i = plgpu.layout_cast(jnp.full((wg_rows,), 0.0, jnp.float32),
+                                    plgpu.Layout.WGMMA.reduce(1))
+            acc = plgpu.layout_cast(jnp.full((wg_rows, head_dim), 0.0, jnp.float32),
+                                    plgpu.Layout.WGMMA)
+            carry = (acc, m_i, l_i)
+            carry = lax.fori_loop(0, unmasked_steps, functools.partial(kv_step, masked=False),
+                                  carry)
+            carry = lax.fori_loop(unmasked_steps, kv_steps,
+                                  functools.partial(kv_step, masked=True), carry)
             acc, m_i, l_i = carry
-            slot = lax.rem(step, jnp.int32(2))
 
-            # Prefetch the next tile into the other slot; its previous reader (step - 1) has
-            # completed, because each wgmma result below is awaited before use.
-            @pl.when(step + 1 < kv_steps)
-            def _():
-                issue_kv(step + 1, 1 - slot)
+            # Causal: the CTA's producer loads the kv steps of its last rows; a warpgroup that
+            # needs fewer still releases (and observes) those slots, and keeps the ping-pong.
+            @pl.loop(kv_steps, cta_steps)
+            def _flush(step):
+                slot = lax.rem(step, jnp.int32(stages))
+                plgpu.barrier_wait(k_barriers.at[slot])
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                plgpu.barrier_wait(v_barriers.at[slot])
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                if pingpong:
+                    schedule_sync()
+                    schedule_sync()
 
-            plgpu.barrier_wait(k_barriers.at[slot])
+            if pingpong:
+                pl.when(wg == 0)(schedule_sync)
 
-            def qk_matmul(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk_matmul, plgpu.ACC((block_q, block_kv), jnp.float32))
-            s = s * score_mult
-            if masked:
-                kv_ids = step * block_kv + plgpu.broadcasted_iota(
-                    jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
-                allowed = kv_ids < seq_k
-                if is_causal:
-                    q_ids = q_start + causal_offset + plgpu.broadcasted_iota(
-                        jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA)
-                    allowed = allowed & (kv_ids <= q_ids)
-                s = jnp.where(allowed, s, -jnp.inf)
-
-            m_new = jnp.maximum(m_i, s.max(axis=1))
-            # A row that has seen no allowed key yet keeps m = -inf; subtract 0 instead so that
-            # exp2 gives 0 rather than NaN (-inf - -inf).
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp2(m_i - m_safe)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-            l_i = l_i * alpha + p.sum(axis=1)
-
-            # P goes through shared memory as the A operand of the P v wgmma (see docstring).
-            p_smem[...] = p.astype(dtype)
-            plgpu.commit_smem()  # make the generic-proxy store visible to wgmma (async proxy)
-            plgpu.barrier_wait(v_barriers.at[slot])
-
-            def pv_matmul(acc_ref):
-                plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-                return acc_ref[...]
-
-            pv = pl.run_scoped(pv_matmul, plgpu.ACC((block_q, head_dim), jnp.float32))
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
-            return acc, m_new, l_i
-
-        m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
-                                plgpu.Layout.WGMMA.reduce(1))
-        l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32),
-                                plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32),
-                                plgpu.Layout.WGMMA)
-        carry = (acc, m_i, l_i)
-        carry = lax.fori_loop(0, unmasked_steps, functools.partial(kv_step, masked=False), carry)
-        carry = lax.fori_loop(unmasked_steps, kv_steps, functools.partial(kv_step, masked=True),
-                              carry)
-        acc, m_i, l_i = carry
-
-        # Rows with no allowed key have l == 0 and acc == 0: output 0, lse = -inf.
-        empty = l_i == 0.0
-        inv_l = 1.0 / jnp.where(empty, 1.0, l_i)
-        out = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
-        q_smem[...] = out.astype(dtype)  # q is no longer needed: reuse its tile for the output
-        log2_l = jnp.log2(jnp.where(empty, 1.0, l_i))
-        lse_smem[...] = jnp.where(empty, -jnp.inf, (m_i + log2_l) * _LN2)  # back to natural log
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(q_start, block_q), q_head])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, q_head, pl.ds(q_start, block_q)])
-        plgpu.wait_smem_to_gmem(0)
+            # Rows with no allowed key have l == 0 and acc == 0: output 0, lse = -inf.
+            empty = l_i == 0.0
+            inv_l = 1.0 / jnp.where(empty, 1.0, l_i)
+            out = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
+            wg_q_smem[...] = out.astype(dtype)  # q is no longer needed: reuse its tile
+            log2_l = jnp.log2(jnp.where(empty, 1.0, l_i))
+            lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, (m_i + log2_l) * _LN2)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(wg_q_smem, out_ref.at[b, pl.ds(q_start, wg_rows), q_head])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, q_head, pl.ds(q_start, wg_rows)])
+            plgpu.wait_smem_to_gmem(0)
 
     # 16-bit tiles for wgmma: (8, 64) tiling + 128-byte swizzle (64 elements x 2 bytes).
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    scratch = (
-        plgpu.SMEM((block_q, head_dim), dtype, transforms=transforms),  # q, then out
-        plgpu.SMEM((2, block_kv, head_dim), dtype, transforms=transforms),  # k ring
-        plgpu.SMEM((2, block_kv, head_dim), dtype, transforms=transforms),  # v ring
-        plgpu.SMEM((block_q, block_kv), dtype, transforms=transforms),  # P
-        plgpu.SMEM((block_q,), jnp.float32),  # lse
-        plgpu.Barrier(num_barriers=1),  # q arrived
-        plgpu.Barrier(num_barriers=2),  # k slot arrived
-        plgpu.Barrier(num_barriers=2),  # v slot arrived
+    tx_arrivals = 2 if has_segments else 1  # a second TMA copy (the ids) per barrier
+    scratch = dict(
+        q_smem=plgpu.SMEM((compute_wgs, wg_rows, head_dim), dtype, transforms=transforms),
+        k_smem=plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
+        v_smem=plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
+        p_smem=(None if register_p else
+                plgpu.SMEM((compute_wgs, wg_rows, block_kv), dtype, transforms=transforms)),
+        lse_smem=plgpu.SMEM((compute_wgs, wg_rows), jnp.float32),
+        seg_q_smem=plgpu.SMEM((compute_wgs, wg_rows), jnp.int32) if has_segments else None,
+        seg_kv_smem=plgpu.SMEM((stages, block_kv), jnp.int32) if has_segments else None,
+        q_barriers=plgpu.Barrier(num_arrivals=tx_arrivals, num_barriers=compute_wgs),
+        k_barriers=plgpu.Barrier(num_arrivals=tx_arrivals, num_barriers=stages),
+        v_barriers=plgpu.Barrier(num_barriers=stages),
+        k_consumed=plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),
+        v_consumed=plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),
+        schedule_barrier=plgpu.Barrier(num_arrivals=compute_wgs) if pingpong else None,
     )
+    inputs = [q_p, k_p, v_p]
+    if has_segments:
+        # One padded id array serves the q blocks and the kv blocks (Sq == Sk).
+        inputs.append(_pad_seq(segment_ids, max(seq_q_pad, seq_k_pad)))
     out, lse = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((batch, seq_q_pad, num_q_heads, head_dim), dtype),
@@ -300,8 +487,10 @@ def _attention_fwd(q, k, v, *, is_causal, scale, block_q, block_kv):
         scratch_types=scratch,
         grid=(num_q_heads, num_q_blocks, batch),
         grid_names=("heads", "q_blocks", "batch"),
+        num_threads=compute_wgs + 1,
+        thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q_p, k_p, v_p)
+    )(*inputs)
     if seq_q_pad != seq_q:
         out, lse = out[:, :seq_q], lse[:, :, :seq_q]
     return out, lse
