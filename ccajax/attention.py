@@ -116,8 +116,8 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | No
       segment_ids: (B, S) int32 for packed sequences (needs Sq == Sk).
       implementation: ``"xla"`` (plain jnp, always available), ``"cudnn"``
         (``jax.nn.dot_product_attention``, GPU, bf16/fp16, d == dv, no segment_ids; its backward
-        needs even lengths), ``"mosaic"`` (our Pallas Mosaic GPU kernel, Hopper, bf16/fp16,
-        d in {64, 128}, no segment_ids yet), or None to pick cudnn where it applies and xla
+        needs even lengths), ``"mosaic"`` (our Pallas Mosaic GPU kernels, Hopper, bf16/fp16,
+        d in {64, 128}), or None to pick cudnn where it applies and xla
         otherwise (mosaic becomes the default once it measures faster than cuDNN).
       interpret: run the mosaic kernel on the CPU in Mosaic GPU interpret mode (for tests);
         implies ``implementation="mosaic"``.
@@ -140,10 +140,8 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | No
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=is_causal,
                                             implementation="cudnn")
     if implementation == "mosaic":
-        if segment_ids is not None:
-            raise ValueError("implementation='mosaic' does not take segment_ids yet; use "
-                             "implementation='xla' for packed sequences")
         # Imported here: Pallas' Mosaic GPU modules load only when the kernel is asked for.
         from ccajax.pallas.attention import mosaic_attention
-        return mosaic_attention(q, k, v, is_causal=is_causal, scale=scale, interpret=interpret)
+        return mosaic_attention(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids,
+                                interpret=interpret)
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
