@@ -29,8 +29,9 @@ def plot(path: Path) -> Path:
             ax.bar([x + (i - (len(names) - 1) / 2) * width for x in range(len(rows))], values, width,
                    label=LABELS[name])
         ax.set_ylabel(f"{title} TF/s")
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.2)  # headroom for the legend
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(loc="lower right", ncol=len(names))
+    axes[0].legend(loc="upper center", ncol=len(names))
     axes[1].set_xticks(range(len(rows)), labels, fontsize=7)
     fig.suptitle(f"Attention, bf16, d=128 ({result['device']}, {result['date']}, jax {result['jax']}); "
                  "c = causal, f = full")
