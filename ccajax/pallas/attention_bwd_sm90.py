@@ -111,49 +111,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-SUPPORTED_HEAD_DIMS = (64, 128)
-# wgmma works on 64-row warpgroup tiles and a 64-element row of a 16-bit dtype is one 128-byte
-# swizzle span, so both block sizes must be multiples of 64.
-BLOCK_MULTIPLE = 64
+from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_args,
+                                       check_block_sizes, pad_axis, round_up)
+
 MAX_BLOCK = 128  # two fp32 (block_kv, d) accumulators plus S/dP tiles must fit one warpgroup
-_LOG2E = math.log2(math.e)
 # Issue the dV and dP^T wgmmas of a dK/dV step into two accumulators of one run_scoped and await
 # them together; False awaits each on its own (the form first validated on an H100).
 _FUSE_DV_DPT = True
 
 
 def _check_args(q, k, v, out, lse, d_out, is_causal, scale, segment_ids, block_q, block_kv):
-    for name, x in (("q", q), ("k", k), ("v", v), ("out", out), ("d_out", d_out)):
-        if x.ndim != 4:
-            raise ValueError(f"{name} must be 4-D (B, S, H, d); got {name}.shape={x.shape}")
-    for name, x in (("q", q), ("k", k), ("v", v), ("out", out), ("d_out", d_out)):
-        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"{name}.dtype must be bfloat16 or float16; got {name}.dtype={x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype == out.dtype == d_out.dtype):
-        raise ValueError(
-            f"q, k, v, out, d_out must share one dtype; got q {q.dtype}, k {k.dtype}, "
-            f"v {v.dtype}, out {out.dtype}, d_out {d_out.dtype}")
+    check_attention_args(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids,
+                         same_dtype=(("out", out), ("d_out", d_out)))
     batch, seq_q, num_q_heads, head_dim = q.shape
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"head dim d must be one of {SUPPORTED_HEAD_DIMS}; got d={head_dim} "
-            f"(q.shape={q.shape})")
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape (B, Sk, Hkv, d); got k {k.shape}, v {v.shape}")
-    if k.shape[0] != batch:
-        raise ValueError(f"q and k must share the batch B; got q {q.shape}, k {k.shape}")
-    if k.shape[3] != head_dim:
-        raise ValueError(
-            f"q and k/v must share the head dim d; got q d={head_dim}, k d={k.shape[3]}")
-    if seq_q < 1 or k.shape[1] < 1:
-        raise ValueError(f"sequence lengths must be >= 1; got Sq={seq_q}, Sk={k.shape[1]}")
-    num_kv_heads = k.shape[2]
-    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
-        raise ValueError(
-            f"kv heads Hkv must divide query heads Hq; got Hq={num_q_heads}, Hkv={num_kv_heads}")
     for name, x in (("out", out), ("d_out", d_out)):
         if x.shape != q.shape:
             raise ValueError(
@@ -165,30 +135,10 @@ def _check_args(q, k, v, out, lse, d_out, is_causal, scale, segment_ids, block_q
             f"lse must have shape (B, Hq, Sq) = {lse_shape}; got lse.shape={lse.shape}")
     if jnp.dtype(lse.dtype) != jnp.dtype(jnp.float32):
         raise ValueError(f"lse.dtype must be float32; got lse.dtype={lse.dtype}")
-    if segment_ids is not None:
-        if seq_q != k.shape[1]:
-            raise ValueError(
-                f"segment_ids need Sq == Sk; got Sq={seq_q}, Sk={k.shape[1]}")
-        if segment_ids.shape != (batch, seq_q):
-            raise ValueError(
-                f"segment_ids must have shape (B, S) = {(batch, seq_q)}; got "
-                f"segment_ids.shape={segment_ids.shape}")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(
-                f"segment_ids must be an integer array; got segment_ids.dtype={segment_ids.dtype}")
-    for name, blk in (("block_q", block_q), ("block_kv", block_kv)):
-        if not isinstance(blk, int) or blk <= 0 or blk % BLOCK_MULTIPLE or blk > MAX_BLOCK:
-            raise ValueError(
-                f"{name} must be a positive multiple of {BLOCK_MULTIPLE} and at most {MAX_BLOCK}; "
-                f"got {name}={blk!r}")
-    if not isinstance(is_causal, bool):
-        raise ValueError(f"is_causal must be a bool; got is_causal={is_causal!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)
-                                  and scale > 0):
-        raise ValueError(f"scale must be a finite positive float or None; got scale={scale!r}")
+    check_block_sizes(block_q, block_kv, MAX_BLOCK)
     # Blocks are clamped to the padded lengths before use, exactly as in _attention_bwd.
-    bq = min(block_q, _round_up(seq_q, BLOCK_MULTIPLE))
-    bkv = min(block_kv, _round_up(k.shape[1], BLOCK_MULTIPLE))
+    bq = min(block_q, round_up(seq_q, BLOCK_MULTIPLE))
+    bkv = min(block_kv, round_up(k.shape[1], BLOCK_MULTIPLE))
     smem = _smem_bytes(bq, bkv, head_dim, segment_ids is not None)
     if smem > SMEM_LIMIT_BYTES:
         raise ValueError(
@@ -198,10 +148,6 @@ def _check_args(q, k, v, out, lse, d_out, is_causal, scale, segment_ids, block_q
             f"(e.g. block_q=64)")
 
 
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
-
-
 # Shared memory per CTA on sm90 (opt-in maximum); Mosaic GPU aligns every buffer to 1 KiB.
 SMEM_LIMIT_BYTES = 227 * 1024
 
@@ -209,7 +155,7 @@ SMEM_LIMIT_BYTES = 227 * 1024
 def _smem_bytes(block_q: int, block_kv: int, head_dim: int, segments: bool) -> int:
     """Shared memory of the larger of the two kernels (dK/dV is the larger for equal blocks)."""
     def buf(*shape, itemsize=2):
-        return _round_up(math.prod(shape) * itemsize, 1024)
+        return round_up(math.prod(shape) * itemsize, 1024)
     dkv = (2 * buf(block_kv, head_dim) + 2 * buf(2, block_q, head_dim) + buf(block_kv, block_q)
            + 2 * buf(2, block_q, itemsize=4) + 10 * 8)
     dq = (2 * buf(block_q, head_dim) + 2 * buf(2, block_kv, head_dim) + buf(block_q, block_kv)
@@ -218,15 +164,6 @@ def _smem_bytes(block_q: int, block_kv: int, head_dim: int, segments: bool) -> i
         dkv += buf(block_kv, itemsize=4) + buf(2, block_q, itemsize=4) + 3 * 8
         dq += buf(block_q, itemsize=4) + buf(2, block_kv, itemsize=4) + 3 * 8
     return max(dkv, dq)
-
-
-def _pad_axis(x, axis, length, value=0):
-    """Pads `axis` of x up to `length` with `value` (no copy when it already has that length)."""
-    if x.shape[axis] == length:
-        return x
-    pads = [(0, 0)] * x.ndim
-    pads[axis] = (0, length - x.shape[axis])
-    return jnp.pad(x, pads, constant_values=value)
 
 
 def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | None,
@@ -290,26 +227,26 @@ def _attention_bwd(q, k, v, out, lse, d_out, segment_ids, *, is_causal, scale, b
     has_segments = segment_ids is not None
 
     # Short sequences do not need a tile larger than their padded length.
-    block_q = min(block_q, _round_up(seq_q, BLOCK_MULTIPLE))
-    block_kv = min(block_kv, _round_up(seq_k, BLOCK_MULTIPLE))
-    seq_q_pad = _round_up(seq_q, block_q)
-    seq_k_pad = _round_up(seq_k, block_kv)
+    block_q = min(block_q, round_up(seq_q, BLOCK_MULTIPLE))
+    block_kv = min(block_kv, round_up(seq_k, BLOCK_MULTIPLE))
+    seq_q_pad = round_up(seq_q, block_q)
+    seq_k_pad = round_up(seq_k, block_kv)
     num_q_blocks = seq_q_pad // block_q
     num_kv_blocks = seq_k_pad // block_kv
     causal_offset = seq_k - seq_q  # query i sees key j iff j <= i + causal_offset
-    score_mult = scale * _LOG2E
+    score_mult = scale * LOG2E
 
     # --- jnp pre-pass: delta, lse in log2 units with "no key" rows -> +inf, padding ---------
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
-    lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * _LOG2E)
-    delta = _pad_axis(delta, 2, seq_q_pad)
-    lse2 = _pad_axis(lse2, 2, seq_q_pad, jnp.inf)
-    q_p, do_p = _pad_axis(q, 1, seq_q_pad), _pad_axis(d_out, 1, seq_q_pad)
-    k_p, v_p = _pad_axis(k, 1, seq_k_pad), _pad_axis(v, 1, seq_k_pad)
+    lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
+    delta = pad_axis(delta, 2, seq_q_pad)
+    lse2 = pad_axis(lse2, 2, seq_q_pad, jnp.inf)
+    q_p, do_p = pad_axis(q, 1, seq_q_pad), pad_axis(d_out, 1, seq_q_pad)
+    k_p, v_p = pad_axis(k, 1, seq_k_pad), pad_axis(v, 1, seq_k_pad)
     if has_segments:
         # Padded positions are masked by other means (lse2 = +inf rows, j < Sk, sliced rows).
-        seg_q = _pad_axis(segment_ids, 1, seq_q_pad)
-        seg_k = _pad_axis(segment_ids, 1, seq_k_pad)
+        seg_q = pad_axis(segment_ids, 1, seq_q_pad)
+        seg_k = pad_axis(segment_ids, 1, seq_k_pad)
         seg_args = (seg_q, seg_k)
     else:
         seg_args = ()

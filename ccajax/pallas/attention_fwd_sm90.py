@@ -71,85 +71,21 @@ from jax._src import config as jax_config
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-SUPPORTED_HEAD_DIMS = (64, 128)
-# wgmma works on 64-row warpgroup tiles, and a 64-element row of a 16-bit dtype is exactly one
-# 128-byte swizzle span; both block sizes must therefore be multiples of 64.
-BLOCK_MULTIPLE = 64
+from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_args,
+                                       check_block_sizes, pad_axis, round_up)
+
 MAX_BLOCK = 256
-_LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
 
 def _check_args(q, k, v, is_causal, scale, block_q, block_kv, segment_ids, compute_wgs,
                 kv_stages):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(f"{name} must be 4-D (B, S, H, d); got {name}.shape={x.shape}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"{name}.dtype must be bfloat16 or float16; got {name}.dtype={x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(
-            f"q, k, v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    batch, _, num_q_heads, head_dim = q.shape
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"head dim d must be one of {SUPPORTED_HEAD_DIMS}; got d={head_dim} "
-            f"(q.shape={q.shape})")
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape (B, Sk, Hkv, d); got k {k.shape}, v {v.shape}")
-    if k.shape[0] != batch:
-        raise ValueError(f"q and k must share the batch B; got q {q.shape}, k {k.shape}")
-    if k.shape[3] != head_dim:
-        raise ValueError(
-            f"q and k/v must share the head dim d; got q d={head_dim}, k d={k.shape[3]}")
-    if k.shape[1] < 1 or q.shape[1] < 1:
-        raise ValueError(f"sequence lengths must be >= 1; got Sq={q.shape[1]}, Sk={k.shape[1]}")
-    num_kv_heads = k.shape[2]
-    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
-        raise ValueError(
-            f"kv heads Hkv must divide query heads Hq; got Hq={num_q_heads}, Hkv={num_kv_heads}")
-    for name, blk in (("block_q", block_q), ("block_kv", block_kv)):
-        if not isinstance(blk, int) or blk <= 0 or blk % BLOCK_MULTIPLE or blk > MAX_BLOCK:
-            raise ValueError(
-                f"{name} must be a positive multiple of {BLOCK_MULTIPLE} and at most {MAX_BLOCK}; "
-                f"got {name}={blk!r}")
+    check_attention_args(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids)
+    check_block_sizes(block_q, block_kv, MAX_BLOCK)
     if compute_wgs not in (1, 2):
         raise ValueError(f"compute_wgs must be 1 or 2; got compute_wgs={compute_wgs!r}")
     if not isinstance(kv_stages, int) or not 2 <= kv_stages <= 4:
         raise ValueError(f"kv_stages must be an int in [2, 4]; got kv_stages={kv_stages!r}")
-    if not isinstance(is_causal, bool):
-        raise ValueError(f"is_causal must be a bool; got is_causal={is_causal!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)
-                                  and scale > 0):
-        raise ValueError(f"scale must be a finite positive float or None; got scale={scale!r}")
-    if segment_ids is not None:
-        if q.shape[1] != k.shape[1]:
-            raise ValueError(
-                f"segment_ids need Sq == Sk; got Sq={q.shape[1]}, Sk={k.shape[1]}")
-        if tuple(segment_ids.shape) != (batch, q.shape[1]):
-            raise ValueError(
-                f"segment_ids must have shape (B, S) = {(batch, q.shape[1])}; got "
-                f"segment_ids.shape={tuple(segment_ids.shape)}")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(
-                f"segment_ids must be an integer array; got segment_ids.dtype={segment_ids.dtype}")
-
-
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
-
-
-def _pad_seq(x, length):
-    """Zero-pads axis 1 of x up to `length` (no copy when it already has that length)."""
-    if x.shape[1] == length:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (0, length - x.shape[1])
-    return jnp.pad(x, pad)
 
 
 def in_interpret_mode() -> bool:
@@ -223,23 +159,23 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
     has_segments = segment_ids is not None
 
     # Short sequences do not need a tile larger than their padded length.
-    block_q = min(block_q, _round_up(seq_q, BLOCK_MULTIPLE))
-    block_kv = min(block_kv, _round_up(seq_k, BLOCK_MULTIPLE))
+    block_q = min(block_q, round_up(seq_q, BLOCK_MULTIPLE))
+    block_kv = min(block_kv, round_up(seq_k, BLOCK_MULTIPLE))
     # Each compute warpgroup owns wg_rows consecutive query rows of the CTA's block.
     while block_q % (compute_wgs * BLOCK_MULTIPLE):
         compute_wgs -= 1
     wg_rows = block_q // compute_wgs
     pingpong = pingpong and compute_wgs == 2
-    seq_q_pad = _round_up(seq_q, block_q)
-    seq_k_pad = _round_up(seq_k, block_kv)
-    q_p, k_p, v_p = _pad_seq(q, seq_q_pad), _pad_seq(k, seq_k_pad), _pad_seq(v, seq_k_pad)
+    seq_q_pad = round_up(seq_q, block_q)
+    seq_k_pad = round_up(seq_k, block_kv)
+    q_p, k_p, v_p = pad_axis(q, 1, seq_q_pad), pad_axis(k, 1, seq_k_pad), pad_axis(v, 1, seq_k_pad)
     num_q_blocks = seq_q_pad // block_q
     num_kv_blocks = seq_k_pad // block_kv
     stages = min(kv_stages, num_kv_blocks)
     # Query i sees key j iff j <= i + causal_offset (last query aligned with last key).
     causal_offset = seq_k - seq_q
     # Scores are kept in log2 units: s = (q . k) * scale * log2(e), so softmax uses exp2.
-    score_mult = scale * _LOG2E
+    score_mult = scale * LOG2E
 
     def kv_range(q_start, rows):
         """(kv steps, leading kv steps that need no mask) for query rows [q_start, +rows)."""
@@ -479,7 +415,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
     inputs = [q_p, k_p, v_p]
     if has_segments:
         # One padded id array serves the q blocks and the kv blocks (Sq == Sk).
-        inputs.append(_pad_seq(segment_ids, max(seq_q_pad, seq_k_pad)))
+        inputs.append(pad_axis(segment_ids, 1, max(seq_q_pad, seq_k_pad)))
     out, lse = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((batch, seq_q_pad, num_q_heads, head_dim), dtype),

@@ -1,0 +1,85 @@
+"""What the sm90 attention kernels share: supported inputs, argument checks, padding helpers."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+SUPPORTED_HEAD_DIMS = (64, 128)
+# wgmma works on 64-row warpgroup tiles, and a 64-element row of a 16-bit dtype is exactly one
+# 128-byte swizzle span; block sizes must therefore be multiples of 64.
+BLOCK_MULTIPLE = 64
+LOG2E = math.log2(math.e)
+
+
+def round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def pad_axis(x, axis: int, length: int, value=0):
+    """Pads ``axis`` of x up to ``length`` with ``value`` (no copy when it already has that length)."""
+    if x.shape[axis] == length:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, pads, constant_values=value)
+
+
+def check_attention_args(q, k, v, *, is_causal, scale, segment_ids, same_dtype=()) -> None:
+    """ValueError naming the argument, its value and what is valid, for the inputs every sm90
+    attention kernel takes.
+
+    Args: q (B, Sq, Hq, d); k, v (B, Sk, Hkv, d); is_causal; scale; segment_ids (B, S) or None;
+      same_dtype: further ``(name, array)`` pairs that must be 4-D with q's dtype (out, d_out).
+    """
+    named = (("q", q), ("k", k), ("v", v), *same_dtype)
+    for name, x in named:
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be 4-D (B, S, H, d); got {name}.shape={x.shape}")
+    for name, x in named:
+        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}.dtype must be bfloat16 or float16; got {name}.dtype={x.dtype}")
+    if len({jnp.dtype(x.dtype) for _, x in named}) > 1:
+        raise ValueError(f"{', '.join(n for n, _ in named)} must share one dtype; got "
+                         + ", ".join(f"{n} {x.dtype}" for n, x in named))
+    batch, seq_q, num_q_heads, head_dim = q.shape
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim d must be one of {SUPPORTED_HEAD_DIMS}; got d={head_dim} "
+                         f"(q.shape={q.shape})")
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k and v must have the same shape (B, Sk, Hkv, d); got k {k.shape}, v {v.shape}")
+    if k.shape[0] != batch:
+        raise ValueError(f"q and k must share the batch B; got q {q.shape}, k {k.shape}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"q and k/v must share the head dim d; got q d={head_dim}, k d={k.shape[3]}")
+    if seq_q < 1 or k.shape[1] < 1:
+        raise ValueError(f"sequence lengths must be >= 1; got Sq={seq_q}, Sk={k.shape[1]}")
+    num_kv_heads = k.shape[2]
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"kv heads Hkv must divide query heads Hq; got Hq={num_q_heads}, Hkv={num_kv_heads}")
+    if not isinstance(is_causal, bool):
+        raise ValueError(f"is_causal must be a bool; got is_causal={is_causal!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)
+                                  and scale > 0):
+        raise ValueError(f"scale must be a finite positive float or None; got scale={scale!r}")
+    if segment_ids is not None:
+        if seq_q != k.shape[1]:
+            raise ValueError(f"segment_ids need Sq == Sk; got Sq={seq_q}, Sk={k.shape[1]}")
+        if tuple(segment_ids.shape) != (batch, seq_q):
+            raise ValueError(f"segment_ids must have shape (B, S) = {(batch, seq_q)}; got "
+                             f"segment_ids.shape={tuple(segment_ids.shape)}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"segment_ids must be an integer array; got segment_ids.dtype={segment_ids.dtype}")
+
+
+def check_block_sizes(block_q, block_kv, max_block: int) -> None:
+    """Block sizes must be positive multiples of BLOCK_MULTIPLE, at most ``max_block``."""
+    for name, blk in (("block_q", block_q), ("block_kv", block_kv)):
+        if not isinstance(blk, int) or blk <= 0 or blk % BLOCK_MULTIPLE or blk > max_block:
+            raise ValueError(f"{name} must be a positive multiple of {BLOCK_MULTIPLE} and at most "
+                             f"{max_block}; got {name}={blk!r}")
