@@ -91,6 +91,11 @@ def _check_inputs(q, k, v, segment_ids):
             raise ValueError(f"segment_ids must be (B, S) = {q.shape[:2]}, got {segment_ids.shape}")
 
 
+def _cudnn_supports(q, v, segment_ids) -> bool:
+    """What the cuDNN path takes here: bf16/fp16, equal q/v head dims, no segment ids."""
+    return q.dtype in _CUDNN_DTYPES and v.shape[-1] == q.shape[-1] and segment_ids is None
+
+
 def default_implementation(q, k, v, segment_ids) -> str:
     """cuDNN on a GPU when it supports the call, forward and backward, else xla.
 
@@ -99,9 +104,7 @@ def default_implementation(q, k, v, segment_ids) -> str:
     """
     on_gpu = jax.default_backend() == "gpu"
     even = q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0
-    cudnn_ok = (q.dtype in _CUDNN_DTYPES and v.shape[-1] == q.shape[-1] and segment_ids is None
-                and even)
-    return "cudnn" if on_gpu and cudnn_ok else "xla"
+    return "cudnn" if on_gpu and even and _cudnn_supports(q, v, segment_ids) else "xla"
 
 
 def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | None = None,
@@ -132,7 +135,7 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | No
     if implementation == "xla":
         return reference_attention(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids)
     if implementation == "cudnn":
-        if segment_ids is not None or q.dtype not in _CUDNN_DTYPES or v.shape[-1] != q.shape[-1]:
+        if not _cudnn_supports(q, v, segment_ids):
             raise ValueError(
                 f"implementation='cudnn' needs bf16/fp16 inputs, d == dv and no segment_ids; got dtype "
                 f"{q.dtype}, d={q.shape[-1]}, dv={v.shape[-1]}, segment_ids "
