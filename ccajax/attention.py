@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ccajax.pallas.sm90_common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from ccajax.rope import stats_dtype
 
 IMPLEMENTATIONS = ("xla", "cudnn", "mosaic")
@@ -96,15 +97,33 @@ def _cudnn_supports(q, v, segment_ids) -> bool:
     return q.dtype in _CUDNN_DTYPES and v.shape[-1] == q.shape[-1] and segment_ids is None
 
 
-def default_implementation(q, k, v, segment_ids) -> str:
-    """cuDNN on a GPU when it supports the call, forward and backward, else xla.
+def _mosaic_supports(q, v) -> bool:
+    """What our sm90 kernels take: bf16/fp16, d in {64, 128}, equal q/v head dims."""
+    return (q.dtype in SUPPORTED_DTYPES and q.shape[-1] in SUPPORTED_HEAD_DIMS
+            and v.shape[-1] == q.shape[-1])
 
-    cuDNN needs bf16/fp16, equal q/v head dims and no segments here; its backward (jax 0.11.2,
-    cuDNN 9.19 on H100) raises NotImplementedError for odd sequence lengths, so those go to xla.
+
+def _on_hopper() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
+def default_implementation(q, k, v, segment_ids) -> str:
+    """mosaic on Hopper (compute capability 9.x) when our kernels take the call, else cudnn on a
+    GPU when it does, else xla.
+
+    Why mosaic first on Hopper: on an H100 (benchmarks/results/attention_h100_2026-11-23.json) its
+    forward is 0.96-1.91x cuDNN and forward+backward 0.87-1.47x, and it also takes segment ids
+    and odd lengths, which send cuDNN calls to xla. cuDNN needs bf16/fp16, equal q/v head dims
+    and no segments here; its backward (jax 0.11.2, cuDNN 9.19 on H100) raises
+    NotImplementedError for odd sequence lengths, so those go to xla.
     """
-    on_gpu = jax.default_backend() == "gpu"
+    if jax.default_backend() != "gpu":
+        return "xla"
+    if _on_hopper() and _mosaic_supports(q, v):
+        return "mosaic"
     even = q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0
-    return "cudnn" if on_gpu and even and _cudnn_supports(q, v, segment_ids) else "xla"
+    return "cudnn" if even and _cudnn_supports(q, v, segment_ids) else "xla"
 
 
 def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | None = None,
@@ -120,8 +139,8 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | No
       implementation: ``"xla"`` (plain jnp, always available), ``"cudnn"``
         (``jax.nn.dot_product_attention``, GPU, bf16/fp16, d == dv, no segment_ids; its backward
         needs even lengths), ``"mosaic"`` (our Pallas Mosaic GPU kernels, Hopper, bf16/fp16,
-        d in {64, 128}), or None to pick cudnn where it applies and xla
-        otherwise (mosaic becomes the default once it measures faster than cuDNN).
+        d in {64, 128}), or None for :func:`default_implementation` (mosaic on Hopper, else
+        cudnn where it applies, else xla).
       interpret: run the mosaic kernel on the CPU in Mosaic GPU interpret mode (for tests);
         implies ``implementation="mosaic"``.
     Returns:

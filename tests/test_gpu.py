@@ -1,4 +1,5 @@
-"""GPU parity of the dispatch: cuDNN against the jnp reference, and every layer on the GPU in bf16.
+"""GPU parity of the dispatch: cuDNN against the jnp reference, the default choice on Hopper, and
+every layer on the GPU in bf16.
 
 Skipped where no GPU is present (CI); run on the lent H100 with
 `PYTHONPATH=. python3 -m pytest tests/test_gpu.py`.
@@ -20,7 +21,6 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a 
 @pytest.mark.parametrize("hq, hkv, seq", [(16, 16, 1000), (8, 2, 778), (4, 4, 2048)])
 def test_cudnn_matches_reference(rng, causal, hq, hkv, seq):
     q, k, v = (jnp.asarray(rng.normal(size=(2, seq, h, 128)), jnp.bfloat16) for h in (hq, hkv, hkv))
-    assert attention.default_implementation(q, k, v, None) == "cudnn"
 
     def loss(impl):
         return lambda q, k, v: jnp.sum(attention.dot_product_attention(
@@ -37,11 +37,28 @@ def test_cudnn_matches_reference(rng, causal, hq, hkv, seq):
         assert np.abs(gc - gx).max() <= 3e-2 * np.abs(gx).max()
 
 
-def test_odd_lengths_default_to_xla_and_train(rng):
+def _on_hopper():
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+
+
+def test_default_choice(rng):
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 1000, h, 128)), jnp.bfloat16) for h in (8, 2, 2))
+    seg = jnp.zeros((1, 1000), jnp.int32)
+    f32 = q.astype(jnp.float32)
+    if _on_hopper():
+        assert attention.default_implementation(q, k, v, None) == "mosaic"
+        assert attention.default_implementation(q, k, v, seg) == "mosaic"
+        assert attention.default_implementation(q[..., :96], k[..., :96], v[..., :96], None) == "cudnn"
+    else:
+        assert attention.default_implementation(q, k, v, None) == "cudnn"
+    assert attention.default_implementation(f32, k, v, None) == "xla"
+
+
+def test_odd_lengths_never_go_to_cudnn_and_train(rng):
     # cuDNN's backward rejects odd sequence lengths (NotImplementedError seen on the H100), so the
     # default dispatch must not pick it for them.
     q, k, v = (jnp.asarray(rng.normal(size=(1, 777, h, 128)), jnp.bfloat16) for h in (8, 2, 2))
-    assert attention.default_implementation(q, k, v, None) == "xla"
+    assert attention.default_implementation(q, k, v, None) == ("mosaic" if _on_hopper() else "xla")
     grads = jax.grad(lambda q: jnp.sum(attention.dot_product_attention(
         q, k, v, is_causal=True).astype(jnp.float32)))(q)
     assert np.isfinite(np.asarray(grads, np.float32)).all()

@@ -115,17 +115,16 @@ def test_matches_reference(rng, shape, dtype, is_causal):
 
 
 @pytest.mark.parametrize(
-    "seq_q, seq_k, is_causal, block_q, block_kv, d",
-    [(100, 170, False, 64, 64, 128),  # Sq < Sk, non-causal, both tails ragged
-     (70, 150, False, 64, 128, 64),  # Sq < Sk, block_kv 128
-     (100, 170, True, 64, 64, 64),  # Sq < Sk causal: diagonal shifted right
-     (200, 200, True, 128, 64, 64),  # unmasked q blocks below the diagonal (dK/dV kernel)
-     (200, 130, False, 128, 128, 64)],  # Sq > Sk, 128 blocks
-    ids=["sq100-sk170-d128", "sq70-sk150-bkv128", "sq100-sk170-causal", "s200-bq128-causal",
+    "seq_q, seq_k, is_causal, blocks, d",
+    [(100, 170, False, dict(dq_block_q=64, dkv_block_kv=64), 128),  # one compute warpgroup each
+     (70, 150, False, dict(dq_block_kv=128, dkv_block_q=128), 64),  # Sq < Sk, 128-wide steps
+     (100, 170, True, {}, 64),  # Sq < Sk causal: diagonal shifted right
+     (200, 200, True, dict(stages=3), 64),  # unmasked q blocks below the diagonal; 3-slot rings
+     (200, 130, False, dict(dq_block_kv=128, dkv_block_q=128), 64)],  # Sq > Sk, 128 blocks
+    ids=["sq100-sk170-d128-1wg", "sq70-sk150-b128", "sq100-sk170-causal", "s200-causal-stages3",
          "sq200-sk130-b128"])
-def test_lengths_and_blocks(rng, seq_q, seq_k, is_causal, block_q, block_kv, d):
-    _check(*_inputs(rng, jnp.bfloat16, 1, seq_q, seq_k, 4, 2, d), is_causal=is_causal,
-           block_q=block_q, block_kv=block_kv)
+def test_lengths_and_blocks(rng, seq_q, seq_k, is_causal, blocks, d):
+    _check(*_inputs(rng, jnp.bfloat16, 1, seq_q, seq_k, 4, 2, d), is_causal=is_causal, **blocks)
 
 
 def test_rows_without_keys_give_zero_and_no_nan(rng):
@@ -228,9 +227,11 @@ def _args(**over):
      r"head dim d must be one of \(64, 128\); got d=96"),
     (dict(k_shape=(1, 64, 3, 64), v_shape=(1, 64, 3, 64)),
      r"Hkv must divide query heads Hq; got Hq=4, Hkv=3"),
-    (dict(block_q=96),
-     r"block_q must be a positive multiple of 64 and at most 128; got block_q=96"),
-    (dict(block_kv=256), r"block_kv must be a positive multiple of 64 .*; got block_kv=256"),
+    (dict(dq_block_q=96),
+     r"dq_block_q must be a positive multiple of 64 and at most 128; got dq_block_q=96"),
+    (dict(dkv_block_kv=256),
+     r"dkv_block_kv must be a positive multiple of 64 .*; got dkv_block_kv=256"),
+    (dict(stages=1), r"stages must be an int in \[2, 4\]; got stages=1"),
     (dict(v_shape=(1, 32, 2, 64)), r"k and v must have the same shape"),
     (dict(k_shape=(2, 64, 2, 64), v_shape=(2, 64, 2, 64)), r"share the batch B"),
     (dict(q_shape=(64, 4, 64)), r"q must be 4-D \(B, S, H, d\); got q.shape=\(64, 4, 64\)"),
@@ -248,12 +249,13 @@ def _args(**over):
      r"segment_ids need Sq == Sk; got Sq=64, Sk=32"),
     (dict(q_shape=(1, 128, 4, 128), k_shape=(1, 128, 2, 128), v_shape=(1, 128, 2, 128),
           o_shape=(1, 128, 4, 128), d_shape=(1, 128, 4, 128), l_shape=(1, 4, 128),
-          segment_ids=jnp.zeros((1, 128), jnp.int32), block_q=128, block_kv=128),
-     r"block_q=128, block_kv=128 with d=128 and segment_ids need \d+ bytes of shared memory"),
-], ids=["f32", "mixed-dtypes", "lse-dtype", "d96", "hkv-not-dividing", "block_q96",
-        "block_kv256", "k-v-shapes", "batch", "q-3d", "out-shape", "d_out-shape", "lse-shape",
+          segment_ids=jnp.zeros((1, 128), jnp.int32), dq_block_kv=128, stages=4),
+     r"dq_block_q=128, dq_block_kv=128 with d=128, stages=4 and segment_ids need \d+ bytes of "
+     r"shared memory"),
+], ids=["f32", "mixed-dtypes", "lse-dtype", "d96", "hkv-not-dividing", "dq_block_q96",
+        "dkv_block_kv256", "stages1", "k-v-shapes", "batch", "q-3d", "out-shape", "d_out-shape", "lse-shape",
         "zero-scale", "causal-int", "segment-shape", "segment-dtype", "segment-sq-ne-sk",
-        "smem-b128-d128-segments"])
+        "smem-dq-b128-stages4"])
 def test_errors(over, match):
     arrays, kwargs = _args(**over)
     with pytest.raises(ValueError, match=match):
@@ -267,13 +269,15 @@ _GPU_REASON = "compiles the kernels for a real Hopper GPU; CPU runs use interpre
 
 @pytest.mark.skipif(not _ON_GPU, reason=_GPU_REASON)
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("blocks", [(64, 64), (128, 128), (64, 128)],
-                         ids=["b64", "b128", "bq64-bkv128"])
-def test_compiled_on_gpu(rng, blocks, is_causal):
+@pytest.mark.parametrize("config", [
+    {}, dict(dq_block_q=64, dkv_block_kv=64), dict(dq_block_kv=128, dkv_block_q=128),
+    dict(stages=3), dict(register_operands=False)],
+    ids=["default", "1wg", "b128", "stages3", "smem-operands"])
+def test_compiled_on_gpu(rng, config, is_causal):
     q, k, v, d_out = _inputs(rng, jnp.bfloat16, 2, 1000, 1000, 8, 2, 128)
     out, lse, ref_grads = _reference(q, k, v, d_out, is_causal=is_causal, scale=128 ** -0.5)
     grads = attention_bwd(q, k, v, out.astype(q.dtype), lse, d_out, is_causal=is_causal,
-                          scale=None, block_q=blocks[0], block_kv=blocks[1])
+                          scale=None, **config)
     _assert_close([np.asarray(g.astype(jnp.float32)) for g in grads], ref_grads, q.dtype)
 
 

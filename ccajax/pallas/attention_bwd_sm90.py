@@ -20,88 +20,60 @@ dS = P * (dP - delta), dQ = scale * dS K, dK = scale * dS^T Q. Exponentials are 
 
 Wrapper pre-pass (plain jnp, outside the kernels)
 --------------------------------------------------
-* delta = rowsum(d_out * out) in fp32, (B, Hq, Sq). A separate jnp pass in this version (it reads
-  out and d_out once more); a later version may fuse it into a small pre-kernel.
+* delta = rowsum(d_out * out) in fp32, (B, Hq, Sq): one extra read of out and d_out (about 1% of
+  the backward at S=16k).
 * lse2 = lse * log2(e), with ``-inf`` rows replaced by ``+inf``: then exp2(s - lse2) is exactly 0
-  for every key of a row that sees no key, so those rows contribute nothing and make no NaN
-  (exp2(s + inf) * 0 would). Padded query rows get lse2 = +inf as well, so they need no mask.
-* Tails: Sq is zero-padded up to a multiple of block_q and Sk up to a multiple of block_kv (a
-  copy, only when needed); the outputs are sliced back.
+  for every key of a row that sees no key, so those rows contribute nothing and make no NaN.
+  Padded query rows get lse2 = +inf as well, so they need no mask.
+* Tails: Sq and Sk are zero-padded up to a multiple of the larger block of each axis (a copy,
+  only when needed); the outputs are sliced back.
 
-dK/dV kernel
-------------
-* Grid ``(Hkv, num_kv_blocks, B)``, one CTA (one warpgroup) per (kv head, kv block, batch). The
-  CTA TMA-loads its k and v tiles once and keeps fp32 dK and dV accumulators in registers. It
-  loops over the G = Hq / Hkv query heads of its kv head (outer loop) and over the q blocks that
-  can see its kv block (inner loops), so the GQA reduction over the group happens inside the
-  kernel and per-query-head dk/dv are never materialised.
-* It works in the transposed orientation, S^T = K Q^T of shape (block_kv, block_q), so that its
-  rows are keys: P^T and dS^T are then directly the A operands of dV += P^T dO and
-  dK += dS^T Q, and the per-query vectors lse / delta are per-*column* vectors (WGMMA
-  ``reduce(0)`` layout).
-* q-side pipeline: q, dO, lse2 and delta go through two-slot shared-memory rings, one TMA barrier
-  per buffer and slot. At the start of step t the CTA issues step t+1's copies into the other
-  slot (its last reader, step t-1, is complete: every wgmma result is read, hence awaited, before
-  the step ends), then waits for q and lse2 (S^T, P^T), dO (dV, dP^T) and delta (dS^T) in the
-  order they are needed. The flat step index t runs across the head boundary, so the prefetch
-  of the next head's first tile overlaps the current head's last step.
-* Causal: q blocks that cannot see any key of the kv block are skipped; the diagonal q blocks
-  (some pair masked) run a masked loop, the q blocks below the diagonal run an unmasked loop.
+Two kernels, both warp-specialised like the forward
+----------------------------------------------------
+Each CTA has one or two compute warpgroups (64 rows each: ``block / 64``) and one producer
+warpgroup that streams the operands of the loop through a ``stages``-slot TMA ring; a slot is
+refilled once every compute warpgroup has arrived on its "consumed" barrier. With two compute
+warpgroups the registers are split 240 / 24 (compute / producer). No atomics anywhere: dq, dk
+and dv are each written by exactly one CTA, so the backward is deterministic (bit-identical
+across runs).
 
-dQ kernel
----------
-* Grid ``(Hq, num_q_blocks, B)``, one CTA per (query head, query block, batch). q, dO, lse2 and
-  delta are TMA-loaded once; k and v go through a two-slot ring (prefetch of step i+1 at the
-  start of step i, separate k and v barriers so S = Q K^T need not wait for v), exactly like the
-  forward. Per step: S = Q K^T, P, dP = dO V^T, dS, dQ += dS K. The scale is applied once to
-  the final accumulator.
-* Causal: kv blocks above the diagonal are never loaded; unmasked steps run first, then the
-  masked ones (the diagonal tiles and the tile holding the end of Sk).
-* No atomics anywhere: dq, dk and dv are each written by exactly one CTA, so the backward is
-  deterministic (bit-identical across runs).
+* dQ kernel, grid ``(Hq, Sq / dq_block_q, B)``: each compute warpgroup loads its 64 query rows
+  of q, dO, lse2 and delta once; the producer streams k and v tiles of ``dq_block_kv`` keys
+  (the forward's producer, shared code). Per step: S = Q K^T, P, dP = dO V^T (v released),
+  dS = P (dP - delta), dQ += dS K (k released). Causal: q blocks reversed (longest first), kv
+  tiles above the diagonal never loaded, unmasked tiles first, then the masked ones; a
+  warpgroup with fewer steps than its CTA releases the rest (``kv_flush``).
+* dK/dV kernel, grid ``(Hkv, Sk / dkv_block_kv, B)``: each compute warpgroup loads its 64 keys of
+  k and v once and keeps fp32 dK and dV accumulators in registers. The producer streams q, lse2
+  (one barrier) and dO, delta (another) tiles of ``dkv_block_q`` queries for the flat step
+  sequence (query head g of the kv head's group, q block), so the GQA reduction over the group
+  happens inside the kernel and the prefetch runs across the head boundary. The warpgroup works
+  in the transposed orientation, S^T = K Q^T (rows are keys), so P^T and dS^T are directly the A
+  operands of dV += P^T dO and dK += dS^T Q and the per-query lse2 / delta are per-column
+  vectors (``WGMMA.reduce(0)``). Causal: q blocks no key of the CTA sees are never loaded; a
+  warpgroup skips (observes and releases) the q blocks only the other warpgroup's keys see, runs
+  the diagonal q blocks masked and the rest unmasked.
+* Operands: on the GPU (``register_operands``) P^T, dS^T and dS stay in registers as wgmma A
+  operands and the accumulators are updated in place (``pl.run_state``). The interpreter
+  supports neither, so there they are staged in shared memory (``commit_smem``) and each product
+  lands in a fresh zero accumulator that is added to the register one.
 
 Masking (both kernels, same rules as the forward)
 -------------------------------------------------
 * causal: query i may see key j iff ``j <= i + (Sk - Sq)`` (the last query meets the last key).
-* tails: padded keys are masked by ``j < Sk`` in the dQ kernel; in the dK/dV kernel the padded
-  key rows are simply sliced off. Padded queries have lse2 = +inf (P = 0) and zero dO.
-* segment_ids: the wrapper pads them to the block multiples; each kernel TMA-loads (block,) int32
-  tiles of the query-side and key-side ids into shared memory and reads them into registers with
-  ``plgpu.load(..., layout=WGMMA.reduce(1))`` (per row) or ``reduce(0)`` (per column), then
-  broadcasts and compares them against each other. With segment ids every step is a masked step
-  (no block skipping by segment ranges yet).
+* tails: padded keys are masked by ``j < Sk`` in the dQ kernel; in the dK/dV kernel their rows
+  are sliced off. Padded queries have lse2 = +inf (P = 0) and zero dO.
+* segment_ids: the query-side ids come with q (rows or columns), the key-side ids with k; they
+  are read into registers with ``plgpu.load(..., layout=WGMMA.reduce(...))``, broadcast and
+  compared. With segment ids every step is a masked step (no block skipping by ranges yet).
+  Ids read with ordinary loads are fenced (``commit_smem``) before their slot is released.
 
-Shared memory (16-bit tiles with (8, 64) tiling + 128-byte swizzle, as wgmma wants)
----------------------------------------------------------------------------------
-* dK/dV: k, v (block_kv x d, reused for the dk/dv output), 2-slot rings of q and dO
-  (block_q x d), one (block_kv x block_q) tile for P^T and then dS^T, 2-slot f32 rings of lse2
-  and delta. block_q/block_kv/d = 64/64/128: 106 KiB; 128/128/128: 226 KiB (the limit is 227 KiB,
-  so 128/128/128 with segment_ids is refused with a ValueError).
-* dQ: q (reused for the dq output), dO (block_q x d), 2-slot rings of k and v (block_kv x d),
-  dS (block_q x block_kv), lse2, delta. 64/64/128: 106 KiB.
-
-Status (measured)
------------------
-* CPU interpret mode with the race detector: ``tests/test_pallas_attention_bwd.py``.
-* H100 (jax 0.11.2), bf16, d=128, B=1, S=8192, backward only, median ms, 64x64 blocks:
-  Hq:Hkv 16:16 full 3.83 / causal 2.71; 8:2 full 2.18 / causal 2.09 (1.48 in an earlier run).
-  cuDNN backward (its fwd+bwd minus its fwd) 2.77 / 1.58; 1.45 / 0.85, so this version is
-  1.4-2.5x slower than cuDNN. 64x64 is the fastest of 64x64, 128x64, 64x128, 128x128 here.
-  Fusing the dV and dP^T waits (``_FUSE_DV_DPT``) took 16:16 full from 4.69 to 3.83 ms.
-* Not done yet (speed): warp specialisation / a producer warpgroup, two consumer warpgroups,
-  register-resident P^T / dS^T operands, fusing the delta pre-pass, segment-range block skipping,
-  per-kernel block sizes, causal load balancing.
-
-Interpret mode (CPU)
---------------------
-The same code runs under ``plgpu.force_gpu_interpret_mode()``. As in the forward: no
-``pl.run_state`` (every wgmma writes a fresh zero ``plgpu.ACC`` inside ``pl.run_scoped`` and the
-result is added to a register accumulator), and wgmma operands must be shared-memory refs (P^T,
-dS^T and dS are staged in shared memory with ``commit_smem`` before their wgmma).
+Status (measured): see NOTES_attention.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -113,61 +85,47 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_args,
                                        check_block_sizes, pad_axis, round_up)
+from ccajax.pallas.sm90_pipeline import (WG_ROWS, KVSteps, col_vec, in_interpret_mode, kv_flush,
+                                         kv_producer, matmul, matmul_into, row_vec,
+                                         tile_transforms, zeros_acc)
 
-MAX_BLOCK = 128  # two fp32 (block_kv, d) accumulators plus S/dP tiles must fit one warpgroup
-# Issue the dV and dP^T wgmmas of a dK/dV step into two accumulators of one run_scoped and await
-# them together; False awaits each on its own (the form first validated on an H100).
-_FUSE_DV_DPT = True
-
-
-def _check_args(q, k, v, out, lse, d_out, is_causal, scale, segment_ids, block_q, block_kv):
-    check_attention_args(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids,
-                         same_dtype=(("out", out), ("d_out", d_out)))
-    batch, seq_q, num_q_heads, head_dim = q.shape
-    for name, x in (("out", out), ("d_out", d_out)):
-        if x.shape != q.shape:
-            raise ValueError(
-                f"{name} must have q's shape (B, Sq, Hq, d) = {q.shape}; "
-                f"got {name}.shape={x.shape}")
-    lse_shape = (batch, num_q_heads, seq_q)
-    if lse.shape != lse_shape:
-        raise ValueError(
-            f"lse must have shape (B, Hq, Sq) = {lse_shape}; got lse.shape={lse.shape}")
-    if jnp.dtype(lse.dtype) != jnp.dtype(jnp.float32):
-        raise ValueError(f"lse.dtype must be float32; got lse.dtype={lse.dtype}")
-    check_block_sizes(block_q, block_kv, MAX_BLOCK)
-    # Blocks are clamped to the padded lengths before use, exactly as in _attention_bwd.
-    bq = min(block_q, round_up(seq_q, BLOCK_MULTIPLE))
-    bkv = min(block_kv, round_up(k.shape[1], BLOCK_MULTIPLE))
-    smem = _smem_bytes(bq, bkv, head_dim, segment_ids is not None)
-    if smem > SMEM_LIMIT_BYTES:
-        raise ValueError(
-            f"block_q={block_q}, block_kv={block_kv} with d={head_dim}"
-            f"{' and segment_ids' if segment_ids is not None else ''} need {smem} bytes of shared "
-            f"memory, more than the {SMEM_LIMIT_BYTES} an sm90 CTA has; use smaller blocks "
-            f"(e.g. block_q=64)")
-
-
+# Two fp32 (64, d) accumulators plus (64, block) S/dP tiles must fit one warpgroup's registers.
+MAX_BLOCK = 128
 # Shared memory per CTA on sm90 (opt-in maximum); Mosaic GPU aligns every buffer to 1 KiB.
 SMEM_LIMIT_BYTES = 227 * 1024
+# Registers per thread with two compute warpgroups: 2 x 128 x 240 + 128 x 24 <= 64K.
+_COMPUTE_REGS, _PRODUCER_REGS = 240, 24
 
 
-def _smem_bytes(block_q: int, block_kv: int, head_dim: int, segments: bool) -> int:
-    """Shared memory of the larger of the two kernels (dK/dV is the larger for equal blocks)."""
-    def buf(*shape, itemsize=2):
-        return round_up(math.prod(shape) * itemsize, 1024)
-    dkv = (2 * buf(block_kv, head_dim) + 2 * buf(2, block_q, head_dim) + buf(block_kv, block_q)
-           + 2 * buf(2, block_q, itemsize=4) + 10 * 8)
-    dq = (2 * buf(block_q, head_dim) + 2 * buf(2, block_kv, head_dim) + buf(block_q, block_kv)
-          + 2 * buf(block_q, itemsize=4) + 8 * 8)
-    if segments:
-        dkv += buf(block_kv, itemsize=4) + buf(2, block_q, itemsize=4) + 3 * 8
-        dq += buf(block_q, itemsize=4) + buf(2, block_kv, itemsize=4) + 3 * 8
-    return max(dkv, dq)
+def _buf(*shape, itemsize=2) -> int:
+    return round_up(math.prod(shape) * itemsize, 1024)
+
+
+def _dq_smem_bytes(block_q, block_kv, head_dim, stages, register, segments) -> int:
+    n = (2 * _buf(block_q, head_dim) + 2 * _buf(stages, block_kv, head_dim)
+         + 2 * _buf(block_q, itemsize=4) + 1024)
+    n += 0 if register else _buf(block_q, block_kv)
+    n += _buf(block_q, itemsize=4) + _buf(stages, block_kv, itemsize=4) if segments else 0
+    return n
+
+
+def _dkv_smem_bytes(block_q, block_kv, head_dim, stages, register, segments) -> int:
+    n = (2 * _buf(block_kv, head_dim) + 2 * _buf(stages, block_q, head_dim)
+         + 2 * _buf(stages, block_q, itemsize=4) + 1024)
+    n += 0 if register else _buf(block_kv, block_q)
+    n += _buf(block_kv, itemsize=4) + _buf(stages, block_q, itemsize=4) if segments else 0
+    return n
+
+
+def _clamp_block(block: int, seq: int) -> int:
+    """Short sequences do not need a tile larger than their padded length."""
+    return min(block, round_up(seq, BLOCK_MULTIPLE))
 
 
 def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | None,
-                  segment_ids=None, block_q: int = 64, block_kv: int = 64):
+                  segment_ids=None, dq_block_q: int = 128, dq_block_kv: int | None = None,
+                  dkv_block_q: int = 64, dkv_block_kv: int = 128, stages: int = 2,
+                  register_operands: bool | None = None):
     """Flash-attention backward on Hopper; see the module docstring for the kernel layout.
 
     Args:
@@ -179,395 +137,496 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
       is_causal: causal mask with the last query aligned to the last key.
       scale: score scale (a static Python float); None means 1/sqrt(d).
       segment_ids: optional (B, S) integer ids (Sq == Sk == S); tokens attend iff equal ids.
-      block_q, block_kv: tile sizes, 64 or 128, used by both kernels.
+      dq_block_q, dq_block_kv: dQ kernel tiles: query rows per CTA (64 per compute warpgroup)
+        and keys per step; multiples of 64, at most 128. dq_block_kv None: 128 where it fits in
+        shared memory, else 64.
+      dkv_block_q, dkv_block_kv: dK/dV kernel tiles: queries per step and keys per CTA (64 per
+        compute warpgroup); multiples of 64, at most 128.
+      stages: depth of the streamed operand rings (2 to 4).
+      register_operands: feed P^T, dS^T and dS to their wgmmas from registers and update the
+        accumulators in place (True, GPU only) or stage them in shared memory (False). None:
+        registers on a GPU, shared memory under ``plgpu.force_gpu_interpret_mode``.
     Returns:
       (dq, dk, dv) with the shapes and dtype of q, k, v.
     Raises:
       ValueError: for unsupported dtypes, head dims, head counts, block sizes or mismatched
         shapes; the message names the argument, the value and what is valid.
     """
-    _check_args(q, k, v, out, lse, d_out, is_causal, scale, segment_ids, block_q, block_kv)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if segment_ids is not None:
+    check_attention_args(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids,
+                         same_dtype=(("out", out), ("d_out", d_out)))
+    _check_residuals(q, out, lse, d_out)
+    given = dict(dq_block_q=dq_block_q, dq_block_kv=dq_block_kv, dkv_block_q=dkv_block_q,
+                 dkv_block_kv=dkv_block_kv)
+    check_block_sizes(MAX_BLOCK, **{name: b for name, b in given.items() if b is not None})
+    if not isinstance(stages, int) or not 2 <= stages <= 4:
+        raise ValueError(f"stages must be an int in [2, 4]; got stages={stages!r}")
+    if register_operands is None:
+        register_operands = not in_interpret_mode()
+    if register_operands and in_interpret_mode():
+        raise ValueError("register_operands=True is not supported in Mosaic GPU interpret mode "
+                         "(its wgmma reads both operands from shared memory); use False or None")
+    seq_q, seq_k, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    segments = segment_ids is not None
+    if segments and is_causal and in_interpret_mode():
+        # jax 0.11.2's interpreter deadlocks on this kernel structure (producer + 2 compute
+        # warpgroups) with segment ids and a causal mask, as on the forward's; the GPU build is
+        # tested in test_compiled_on_gpu_segments_and_d64. See NOTES_attention.md.
+        dq_block_q = BLOCK_MULTIPLE
+    if dq_block_kv is None:
+        # benchmarks/tune_attention_bwd.py on an H100 (S=16k, d=128): 128 keys per step beat 64
+        # by 0-3% in 5 of 6 cells (results/tune_attention_bwd_h100_2026-11-23.json).
+        fits = _dq_smem_bytes(_clamp_block(dq_block_q, seq_q), _clamp_block(128, seq_k), head_dim,
+                              stages, register_operands, segments) <= SMEM_LIMIT_BYTES
+        dq_block_kv = 128 if fits else 64
+    dq_blocks = (_clamp_block(dq_block_q, seq_q), _clamp_block(dq_block_kv, seq_k))
+    dkv_blocks = (_clamp_block(dkv_block_q, seq_q), _clamp_block(dkv_block_kv, seq_k))
+    for name, blocks, smem_bytes in (("dq", dq_blocks, _dq_smem_bytes),
+                                     ("dkv", dkv_blocks, _dkv_smem_bytes)):
+        need = smem_bytes(*blocks, head_dim, stages, register_operands, segments)
+        if need > SMEM_LIMIT_BYTES:
+            raise ValueError(
+                f"{name}_block_q={blocks[0]}, {name}_block_kv={blocks[1]} with d={head_dim}, "
+                f"stages={stages}{' and segment_ids' if segments else ''} need {need} bytes of "
+                f"shared memory, more than the {SMEM_LIMIT_BYTES} an sm90 CTA has; use smaller "
+                f"blocks or fewer stages")
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    if segments:
         segment_ids = segment_ids.astype(jnp.int32)
     return _attention_bwd(q, k, v, out, lse, d_out, segment_ids, is_causal=is_causal,
-                          scale=scale, block_q=block_q, block_kv=block_kv)
+                          scale=scale, dq_blocks=dq_blocks, dkv_blocks=dkv_blocks, stages=stages,
+                          register=bool(register_operands))
 
 
-# 16-bit tiles for wgmma: (8, 64) tiling + 128-byte swizzle (64 elements x 2 bytes).
-def _tile_transforms():
-    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+def _check_residuals(q, out, lse, d_out) -> None:
+    batch, seq_q, num_q_heads, _ = q.shape
+    for name, x in (("out", out), ("d_out", d_out)):
+        if x.shape != q.shape:
+            raise ValueError(
+                f"{name} must have q's shape (B, Sq, Hq, d) = {q.shape}; "
+                f"got {name}.shape={x.shape}")
+    lse_shape = (batch, num_q_heads, seq_q)
+    if lse.shape != lse_shape:
+        raise ValueError(
+            f"lse must have shape (B, Hq, Sq) = {lse_shape}; got lse.shape={lse.shape}")
+    if jnp.dtype(lse.dtype) != jnp.dtype(jnp.float32):
+        raise ValueError(f"lse.dtype must be float32; got lse.dtype={lse.dtype}")
 
 
-def _row_vec(ref):
-    """A (block,) SMEM vector as one value per accumulator row (WGMMA row layout)."""
-    return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1))
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+    """What both kernels need to know about the (padded) problem."""
+    batch: int
+    seq_q: int
+    seq_k: int
+    seq_q_pad: int
+    seq_k_pad: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: jnp.dtype
+    is_causal: bool
+    scale: float
+    has_segments: bool
+    register: bool
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def causal_offset(self) -> int:
+        """Query i sees key j iff j <= i + causal_offset (last query meets last key)."""
+        return self.seq_k - self.seq_q
+
+    @property
+    def score_mult(self) -> float:
+        """Scores in log2 units: s = (q . k) * scale * log2(e), so probabilities use exp2."""
+        return self.scale * LOG2E
 
 
-def _col_vec(ref):
-    """A (block,) SMEM vector as one value per accumulator column (WGMMA column layout)."""
-    return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(0))
-
-
-def _matmul(a_ref, b_ref, shape):
-    """a @ b into a fresh zero fp32 accumulator (no pl.run_state: see the module docstring)."""
-    def body(acc_ref):
-        plgpu.wgmma(acc_ref, a_ref, b_ref)
-        return acc_ref[...]
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-
-@functools.partial(jax.jit, static_argnames=("is_causal", "scale", "block_q", "block_kv"))
-def _attention_bwd(q, k, v, out, lse, d_out, segment_ids, *, is_causal, scale, block_q,
-                   block_kv):
+@functools.partial(jax.jit, static_argnames=("is_causal", "scale", "dq_blocks", "dkv_blocks",
+                                             "stages", "register"))
+def _attention_bwd(q, k, v, out, lse, d_out, segment_ids, *, is_causal, scale, dq_blocks,
+                   dkv_blocks, stages, register):
     batch, seq_q, num_q_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
-    group = num_q_heads // num_kv_heads
-    dtype = q.dtype
-    has_segments = segment_ids is not None
-
-    # Short sequences do not need a tile larger than their padded length.
-    block_q = min(block_q, round_up(seq_q, BLOCK_MULTIPLE))
-    block_kv = min(block_kv, round_up(seq_k, BLOCK_MULTIPLE))
-    seq_q_pad = round_up(seq_q, block_q)
-    seq_k_pad = round_up(seq_k, block_kv)
-    num_q_blocks = seq_q_pad // block_q
-    num_kv_blocks = seq_k_pad // block_kv
-    causal_offset = seq_k - seq_q  # query i sees key j iff j <= i + causal_offset
-    score_mult = scale * LOG2E
+    # One padding serves both kernels: every block size is 64 or 128.
+    seq_q_pad = round_up(seq_q, max(dq_blocks[0], dkv_blocks[0]))
+    seq_k_pad = round_up(seq_k, max(dq_blocks[1], dkv_blocks[1]))
+    prob = _Problem(batch, seq_q, seq_k, seq_q_pad, seq_k_pad, num_q_heads, num_kv_heads,
+                    head_dim, q.dtype, is_causal, scale, segment_ids is not None, register)
 
     # --- jnp pre-pass: delta, lse in log2 units with "no key" rows -> +inf, padding ---------
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
     lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
-    delta = pad_axis(delta, 2, seq_q_pad)
-    lse2 = pad_axis(lse2, 2, seq_q_pad, jnp.inf)
-    q_p, do_p = pad_axis(q, 1, seq_q_pad), pad_axis(d_out, 1, seq_q_pad)
-    k_p, v_p = pad_axis(k, 1, seq_k_pad), pad_axis(v, 1, seq_k_pad)
+    inputs = (pad_axis(q, 1, seq_q_pad), pad_axis(k, 1, seq_k_pad), pad_axis(v, 1, seq_k_pad),
+              pad_axis(d_out, 1, seq_q_pad), pad_axis(lse2, 2, seq_q_pad, jnp.inf),
+              pad_axis(delta, 2, seq_q_pad))
+    if segment_ids is not None:
+        # One padded id array serves queries and keys (Sq == Sk); padded positions are masked
+        # by other means (lse2 = +inf rows, j < Sk, sliced rows).
+        inputs += (pad_axis(segment_ids, 1, max(seq_q_pad, seq_k_pad)),)
+    dk, dv = _dkv_kernel(prob, *dkv_blocks, stages)(*inputs)
+    dq = _dq_kernel(prob, *dq_blocks, stages)(*inputs)
+    return dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k]
+
+
+def _unpack(refs, has_segments, num_outputs):
+    """Kernel refs -> (q, k, v, d_out, lse2, delta, segment ids or None, *outputs)."""
     if has_segments:
-        # Padded positions are masked by other means (lse2 = +inf rows, j < Sk, sliced rows).
-        seg_q = pad_axis(segment_ids, 1, seq_q_pad)
-        seg_k = pad_axis(segment_ids, 1, seq_k_pad)
-        seg_args = (seg_q, seg_k)
-    else:
-        seg_args = ()
+        return refs
+    return (*refs[:6], None, *refs[6:6 + num_outputs])
 
-    transforms = _tile_transforms()
-    params = plgpu.CompilerParams(approx_math=True)
 
-    # ================================ dK / dV kernel ========================================
-    def dkv_kernel(*refs):
-        if has_segments:
-            (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref,
-             dk_ref, dv_ref, *scratch) = refs
-            (k_smem, v_smem, q_smem, do_smem, pt_smem, lse_smem, delta_smem,
-             kv_bars, q_bars, do_bars, lse_bars, delta_bars, segk_smem, segq_smem,
-             segk_bar, segq_bars) = scratch
-        else:
-            (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *scratch) = refs
-            (k_smem, v_smem, q_smem, do_smem, pt_smem, lse_smem, delta_smem,
-             kv_bars, q_bars, do_bars, lse_bars, delta_bars) = scratch
-        kv_head = lax.axis_index("heads")
-        kv_block = lax.axis_index("kv_blocks")
-        b = lax.axis_index("batch")
-        kv_start = kv_block * block_kv
+# ================================ dQ kernel ===============================================
 
-        # --- which q blocks see this kv block, and which of them need a mask ----------------
-        if is_causal:
-            # The first query that sees any key of the block is kv_start - causal_offset.
-            q_lo = lax.div(jnp.maximum(kv_start - causal_offset, 0), jnp.int32(block_q))
-            # A q block needs no mask when its first query sees the block's last key.
-            need = kv_start + (block_kv - 1) - causal_offset
-            q_free = lax.div(jnp.maximum(need, 0) + (block_q - 1), jnp.int32(block_q))
-        else:
-            q_lo = jnp.int32(0)
-            q_free = jnp.int32(0)
-        q_lo = jnp.minimum(q_lo, num_q_blocks)
-        q_free = jnp.int32(num_q_blocks) if has_segments else q_free
-        q_free = jnp.clip(q_free, q_lo, num_q_blocks)
-        steps_per_head = num_q_blocks - q_lo
-        total_steps = group * steps_per_head
+def _dq_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
+    wgs = block_q // WG_ROWS
+    num_q_blocks = p.seq_q_pad // block_q
+    num_kv_blocks = p.seq_k_pad // block_kv
+    stages = min(stages, num_kv_blocks)
+    shape = (WG_ROWS, block_kv)  # S, P, dP, dS of one warpgroup
+    kv_range = KVSteps(is_causal=p.is_causal, causal_offset=p.causal_offset, seq_k=p.seq_k,
+                       block_kv=block_kv, num_kv_blocks=num_kv_blocks,
+                       has_segments=p.has_segments)
 
-        def issue_q(t, slot):
-            g = lax.div(t, steps_per_head)
-            qb = q_lo + lax.rem(t, steps_per_head)
-            head = kv_head * group + g
-            rows = (b, pl.ds(qb * block_q, block_q), head)
-            vec = (b, head, pl.ds(qb * block_q, block_q))
-            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_bars.at[slot])
-            plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_smem.at[slot], lse_bars.at[slot])
-            plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_bars.at[slot])
-            plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot], delta_bars.at[slot])
-            if has_segments:
-                plgpu.copy_gmem_to_smem(segq_ref.at[b, pl.ds(qb * block_q, block_q)],
-                                        segq_smem.at[slot], segq_bars.at[slot])
-
-        kv_rows = (b, pl.ds(kv_start, block_kv), kv_head)
-        plgpu.copy_gmem_to_smem(k_ref.at[kv_rows], k_smem, kv_bars.at[0])
-        plgpu.copy_gmem_to_smem(v_ref.at[kv_rows], v_smem, kv_bars.at[1])
-        if has_segments:
-            plgpu.copy_gmem_to_smem(segk_ref.at[b, pl.ds(kv_start, block_kv)], segk_smem,
-                                    segk_bar.at[0])
-
-        @pl.when(total_steps > 0)
-        def _():
-            issue_q(0, 0)
-
-        plgpu.barrier_wait(kv_bars.at[0])
-        plgpu.barrier_wait(kv_bars.at[1])
-        if has_segments:
-            plgpu.barrier_wait(segk_bar.at[0])
-            k_seg = _row_vec(segk_smem)  # keys are the rows of S^T
-        else:
-            k_seg = None
-
-        def q_step(qb, carry, *, g, masked: bool):
-            dk_acc, dv_acc = carry
-            t = g * steps_per_head + (qb - q_lo)
-            slot = lax.rem(t, jnp.int32(2))
-
-            # Prefetch step t+1 into the other slot: its last reader (step t-1) has completed,
-            # because every wgmma result below is read (hence awaited) before the step ends.
-            @pl.when(t + 1 < total_steps)
-            def _():
-                issue_q(t + 1, 1 - slot)
-
-            plgpu.barrier_wait(q_bars.at[slot])
-            plgpu.barrier_wait(lse_bars.at[slot])
-            # S^T = K Q^T: rows are keys, columns are queries.
-            st = _matmul(k_smem, q_smem.at[slot].transpose((1, 0)), (block_kv, block_q))
-            lse_col = _col_vec(lse_smem.at[slot])
-            st = st * score_mult - lax.broadcast_in_dim(lse_col, st.shape, [1])
-            if masked:
-                allowed = None
-                if is_causal:
-                    kv_ids = kv_start + plgpu.broadcasted_iota(
-                        jnp.int32, st.shape, 0, layout=plgpu.Layout.WGMMA)
-                    q_ids = qb * block_q + causal_offset + plgpu.broadcasted_iota(
-                        jnp.int32, st.shape, 1, layout=plgpu.Layout.WGMMA)
-                    allowed = kv_ids <= q_ids
-                if has_segments:
-                    plgpu.barrier_wait(segq_bars.at[slot])
-                    q_seg = _col_vec(segq_smem.at[slot])
-                    same = (lax.broadcast_in_dim(k_seg, st.shape, [0])
-                            == lax.broadcast_in_dim(q_seg, st.shape, [1]))
-                    allowed = same if allowed is None else allowed & same
-                st = jnp.where(allowed, st, -jnp.inf)
-            pt = jnp.exp2(st)  # P^T; 0 for masked pairs and for rows with lse2 = +inf
-
-            pt_smem[...] = pt.astype(dtype)
-            plgpu.commit_smem()  # generic-proxy store -> visible to wgmma (async proxy)
-            plgpu.barrier_wait(do_bars.at[slot])
-
-            # dV partial = P^T dO and dP^T = V dO^T: both wgmmas are issued before either result
-            # is read (one wait for the two on the GPU).
-            def dv_dpt(dv_ref, dpt_ref):
-                plgpu.wgmma(dv_ref, pt_smem, do_smem.at[slot])
-                plgpu.wgmma(dpt_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
-                return dv_ref[...], dpt_ref[...]
-
-            if _FUSE_DV_DPT:
-                dv_part, dpt = pl.run_scoped(
-                    dv_dpt, plgpu.ACC((block_kv, head_dim), jnp.float32),
-                    plgpu.ACC((block_kv, block_q), jnp.float32))
-            else:
-                dv_part = _matmul(pt_smem, do_smem.at[slot], (block_kv, head_dim))
-                dpt = _matmul(v_smem, do_smem.at[slot].transpose((1, 0)), (block_kv, block_q))
-            dv_acc = dv_acc + dv_part
-
-            plgpu.barrier_wait(delta_bars.at[slot])
-            delta_col = _col_vec(delta_smem.at[slot])
-            dst = pt * (dpt - lax.broadcast_in_dim(delta_col, dpt.shape, [1]))
-            # dS^T reuses the P^T tile: the wgmma that read P^T has completed (its result was
-            # read above), and sharing keeps 128x128 blocks with d=128 within shared memory.
-            pt_smem[...] = dst.astype(dtype)
-            plgpu.commit_smem()
-            dk_acc = dk_acc + _matmul(pt_smem, q_smem.at[slot], (block_kv, head_dim))
-            return dk_acc, dv_acc
-
-        def head_loop(g, carry):
-            if is_causal or has_segments:  # otherwise no q block needs a mask (q_free == q_lo)
-                carry = lax.fori_loop(q_lo, q_free,
-                                      functools.partial(q_step, g=g, masked=True), carry)
-            carry = lax.fori_loop(q_free, num_q_blocks,
-                                  functools.partial(q_step, g=g, masked=False), carry)
-            return carry
-
-        zeros = plgpu.layout_cast(jnp.full((block_kv, head_dim), 0.0, jnp.float32),
-                                  plgpu.Layout.WGMMA)
-        dk_acc, dv_acc = lax.fori_loop(0, group, head_loop, (zeros, zeros))
-
-        # k and v are no longer needed: their tiles stage the outputs.
-        k_smem[...] = (dk_acc * scale).astype(dtype)
-        v_smem[...] = dv_acc.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[kv_rows])
-        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[kv_rows])
-        plgpu.wait_smem_to_gmem(0)
-
-    dkv_scratch = [
-        plgpu.SMEM((block_kv, head_dim), dtype, transforms=transforms),  # k, then dk
-        plgpu.SMEM((block_kv, head_dim), dtype, transforms=transforms),  # v, then dv
-        plgpu.SMEM((2, block_q, head_dim), dtype, transforms=transforms),  # q ring
-        plgpu.SMEM((2, block_q, head_dim), dtype, transforms=transforms),  # dO ring
-        plgpu.SMEM((block_kv, block_q), dtype, transforms=transforms),  # P^T, then dS^T
-        plgpu.SMEM((2, block_q), jnp.float32),  # lse2 ring
-        plgpu.SMEM((2, block_q), jnp.float32),  # delta ring
-        plgpu.Barrier(num_barriers=2),  # k, v arrived
-        plgpu.Barrier(num_barriers=2),  # q slot arrived
-        plgpu.Barrier(num_barriers=2),  # dO slot arrived
-        plgpu.Barrier(num_barriers=2),  # lse2 slot arrived
-        plgpu.Barrier(num_barriers=2),  # delta slot arrived
-    ]
-    if has_segments:
-        dkv_scratch += [
-            plgpu.SMEM((block_kv,), jnp.int32),  # key-side segment ids
-            plgpu.SMEM((2, block_q), jnp.int32),  # query-side segment ids ring
-            plgpu.Barrier(num_barriers=1),
-            plgpu.Barrier(num_barriers=2),
-        ]
-    kv_shape = jax.ShapeDtypeStruct((batch, seq_k_pad, num_kv_heads, head_dim), dtype)
-    dk, dv = plgpu.kernel(
-        dkv_kernel,
-        out_type=(kv_shape, kv_shape),
-        scratch_types=tuple(dkv_scratch),
-        grid=(num_kv_heads, num_kv_blocks, batch),
-        grid_names=("heads", "kv_blocks", "batch"),
-        compiler_params=params,
-    )(q_p, k_p, v_p, do_p, lse2, delta, *seg_args)
-
-    # ================================== dQ kernel ===========================================
-    def dq_kernel(*refs):
-        if has_segments:
-            (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref, dq_ref,
-             *scratch) = refs
-            (q_smem, do_smem, k_smem, v_smem, ds_smem, lse_smem, delta_smem, q_bars,
-             k_bars, v_bars, segq_smem, segk_smem, segk_bars) = scratch
-        else:
-            (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *scratch) = refs
-            (q_smem, do_smem, k_smem, v_smem, ds_smem, lse_smem, delta_smem, q_bars,
-             k_bars, v_bars) = scratch
+    def kernel(*refs, q_smem, do_smem, k_smem, v_smem, ds_smem, lse_smem, delta_smem,
+               segq_smem, segk_smem, q_barriers, k_barriers, v_barriers, k_consumed,
+               v_consumed):
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dq_ref = _unpack(
+            refs, p.has_segments, 1)
         q_head = lax.axis_index("heads")
         q_block = lax.axis_index("q_blocks")
+        if p.is_causal:
+            # Longest rows first, so that the short causal blocks fill the tail of the grid.
+            q_block = num_q_blocks - 1 - q_block
         b = lax.axis_index("batch")
-        kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
-        q_start = q_block * block_q
+        wg = lax.axis_index("wg")
+        kv_head = lax.div(q_head, jnp.array(p.group, q_head.dtype))
+        cta_q_start = q_block * block_q
+        cta_steps, _ = kv_range(cta_q_start, block_q)
 
-        # --- which kv blocks this q block needs, and which of them need a mask -------------
-        if is_causal:
-            kv_end = jnp.clip(q_start + block_q + causal_offset, 0, seq_k)
-            kv_steps = lax.div(kv_end + (block_kv - 1), jnp.int32(block_kv))
-            first_row_limit = q_start + causal_offset  # inclusive, may be negative
-            unmasked_steps = lax.div(jnp.maximum(first_row_limit + 1, 0), jnp.int32(block_kv))
-        else:
-            kv_steps = jnp.int32(num_kv_blocks)
-            unmasked_steps = jnp.int32(num_kv_blocks)
-        if seq_k % block_kv:
-            unmasked_steps = jnp.minimum(unmasked_steps, num_kv_blocks - 1)
-        if has_segments:
-            unmasked_steps = jnp.int32(0)
-        unmasked_steps = jnp.minimum(unmasked_steps, kv_steps)
+        @pl.when(wg == wgs)
+        def _producer():
+            if wgs == 2:
+                plgpu.set_max_registers(_PRODUCER_REGS, action="decrease")
 
-        def issue_kv(step, slot):
-            rows = (b, pl.ds(step * block_kv, block_kv), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bars.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bars.at[slot])
-            if has_segments:
-                plgpu.copy_gmem_to_smem(segk_ref.at[b, pl.ds(step * block_kv, block_kv)],
-                                        segk_smem.at[slot], segk_bars.at[slot])
+            def issue_k(step, slot):
+                rows = pl.ds(step * block_kv, block_kv)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot],
+                                        k_barriers.at[slot])
+                if p.has_segments:  # the key ids share k's barrier
+                    plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segk_smem.at[slot],
+                                            k_barriers.at[slot])
 
-        q_rows = (b, pl.ds(q_start, block_q), q_head)
-        q_vec = (b, q_head, pl.ds(q_start, block_q))
-        plgpu.copy_gmem_to_smem(q_ref.at[q_rows], q_smem, q_bars.at[0])
-        plgpu.copy_gmem_to_smem(do_ref.at[q_rows], do_smem, q_bars.at[1])
-        plgpu.copy_gmem_to_smem(lse_ref.at[q_vec], lse_smem, q_bars.at[2])
-        plgpu.copy_gmem_to_smem(delta_ref.at[q_vec], delta_smem, q_bars.at[3])
-        if has_segments:
-            plgpu.copy_gmem_to_smem(segq_ref.at[b, pl.ds(q_start, block_q)], segq_smem,
-                                    q_bars.at[4])
+            def issue_v(step, slot):
+                plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(step * block_kv, block_kv), kv_head],
+                                        v_smem.at[slot], v_barriers.at[slot])
 
-        @pl.when(kv_steps > 0)
-        def _():
-            issue_kv(0, 0)
+            kv_producer(issue_k=issue_k, issue_v=issue_v, steps=cta_steps, stages=stages,
+                        k_consumed=k_consumed, v_consumed=v_consumed)
 
-        for i in range(5 if has_segments else 4):
-            plgpu.barrier_wait(q_bars.at[i])
-        lse_row = _row_vec(lse_smem)
-        delta_row = _row_vec(delta_smem)
-        q_seg = _row_vec(segq_smem) if has_segments else None
+        @pl.when(wg < wgs)
+        def _consumer():
+            if wgs == 2:
+                plgpu.set_max_registers(_COMPUTE_REGS, action="increase")
+            q_start = cta_q_start + wg * WG_ROWS
+            kv_steps, unmasked_steps = kv_range(q_start, WG_ROWS)
+            rows = pl.ds(q_start, WG_ROWS)
+            bar = q_barriers.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[b, rows, q_head], q_smem.at[wg], bar)
+            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, q_head], do_smem.at[wg], bar)
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, q_head, rows], lse_smem.at[wg], bar)
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, q_head, rows], delta_smem.at[wg], bar)
+            if p.has_segments:
+                plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segq_smem.at[wg], bar)
+            plgpu.barrier_wait(bar)
+            lse_row = row_vec(lse_smem.at[wg])
+            delta_row = row_vec(delta_smem.at[wg])
+            q_seg = row_vec(segq_smem.at[wg]) if p.has_segments else None
 
-        def kv_step(step, acc, *, masked: bool):
-            slot = lax.rem(step, jnp.int32(2))
+            def kv_step(step, acc, *, masked: bool):
+                slot = lax.rem(step, jnp.int32(stages))
+                plgpu.barrier_wait(k_barriers.at[slot])
+                s = matmul(q_smem.at[wg], k_smem.at[slot].transpose((1, 0)), shape)
+                s = s * p.score_mult - lax.broadcast_in_dim(lse_row, shape, [0])
+                if masked:
+                    kv_ids = step * block_kv + plgpu.broadcasted_iota(
+                        jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+                    allowed = kv_ids < p.seq_k
+                    if p.is_causal:
+                        q_ids = q_start + p.causal_offset + plgpu.broadcasted_iota(
+                            jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+                        allowed = allowed & (kv_ids <= q_ids)
+                    if p.has_segments:
+                        k_seg = col_vec(segk_smem.at[slot])
+                        allowed = allowed & (lax.broadcast_in_dim(q_seg, shape, [0])
+                                             == lax.broadcast_in_dim(k_seg, shape, [1]))
+                    s = jnp.where(allowed, s, -jnp.inf)
+                prob = jnp.exp2(s)  # 0 where masked and on rows with lse2 = +inf
 
-            @pl.when(step + 1 < kv_steps)
-            def _():
-                issue_kv(step + 1, 1 - slot)
+                plgpu.barrier_wait(v_barriers.at[slot])
+                dp = matmul(do_smem.at[wg], v_smem.at[slot].transpose((1, 0)), shape)
+                plgpu.barrier_arrive(v_consumed.at[slot])  # dp was read: that wgmma is done
+                ds = (prob * (dp - lax.broadcast_in_dim(delta_row, shape, [0]))).astype(p.dtype)
+                if p.register:
+                    acc = matmul_into(acc, ds, k_smem.at[slot])
+                else:
+                    ds_smem.at[wg][...] = ds
+                    plgpu.commit_smem()  # generic-proxy store -> visible to wgmma (async proxy)
+                    acc = acc + matmul(ds_smem.at[wg], k_smem.at[slot], (WG_ROWS, p.head_dim))
+                if p.has_segments:
+                    # The key ids were read with ordinary loads and the next TMA overwrites
+                    # them: fence the proxies before releasing the slot.
+                    plgpu.commit_smem()
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                return acc
 
-            plgpu.barrier_wait(k_bars.at[slot])
-            s = _matmul(q_smem, k_smem.at[slot].transpose((1, 0)), (block_q, block_kv))
-            s = s * score_mult - lax.broadcast_in_dim(lse_row, s.shape, [0])
-            if masked:
-                kv_ids = step * block_kv + plgpu.broadcasted_iota(
-                    jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-                allowed = kv_ids < seq_k
-                if is_causal:
-                    q_ids = q_start + causal_offset + plgpu.broadcasted_iota(
-                        jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-                    allowed = allowed & (kv_ids <= q_ids)
-                if has_segments:
-                    plgpu.barrier_wait(segk_bars.at[slot])
-                    k_seg = _col_vec(segk_smem.at[slot])
-                    allowed = allowed & (lax.broadcast_in_dim(q_seg, s.shape, [0])
-                                         == lax.broadcast_in_dim(k_seg, s.shape, [1]))
-                s = jnp.where(allowed, s, -jnp.inf)
-            p = jnp.exp2(s)
+            acc = zeros_acc((WG_ROWS, p.head_dim))
+            acc = lax.fori_loop(0, unmasked_steps, functools.partial(kv_step, masked=False), acc)
+            acc = lax.fori_loop(unmasked_steps, kv_steps, functools.partial(kv_step, masked=True),
+                                acc)
+            kv_flush(kv_steps, cta_steps, stages=stages, k_barriers=k_barriers,
+                     v_barriers=v_barriers, k_consumed=k_consumed, v_consumed=v_consumed)
 
-            plgpu.barrier_wait(v_bars.at[slot])
-            dp = _matmul(do_smem, v_smem.at[slot].transpose((1, 0)), (block_q, block_kv))
-            ds = p * (dp - lax.broadcast_in_dim(delta_row, dp.shape, [0]))
-            ds_smem[...] = ds.astype(dtype)
+            q_smem.at[wg][...] = (acc * p.scale).astype(p.dtype)  # q is done: stage dq in it
             plgpu.commit_smem()
-            return acc + _matmul(ds_smem, k_smem.at[slot], (block_q, head_dim))
+            plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, rows, q_head])
+            plgpu.wait_smem_to_gmem(0)
 
-        acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32),
-                                plgpu.Layout.WGMMA)
-        acc = lax.fori_loop(0, unmasked_steps, functools.partial(kv_step, masked=False), acc)
-        acc = lax.fori_loop(unmasked_steps, kv_steps, functools.partial(kv_step, masked=True),
-                            acc)
-
-        q_smem[...] = (acc * scale).astype(dtype)  # q is no longer needed: stage dq in it
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[q_rows])
-        plgpu.wait_smem_to_gmem(0)
-
-    dq_scratch = [
-        plgpu.SMEM((block_q, head_dim), dtype, transforms=transforms),  # q, then dq
-        plgpu.SMEM((block_q, head_dim), dtype, transforms=transforms),  # dO
-        plgpu.SMEM((2, block_kv, head_dim), dtype, transforms=transforms),  # k ring
-        plgpu.SMEM((2, block_kv, head_dim), dtype, transforms=transforms),  # v ring
-        plgpu.SMEM((block_q, block_kv), dtype, transforms=transforms),  # dS
-        plgpu.SMEM((block_q,), jnp.float32),  # lse2
-        plgpu.SMEM((block_q,), jnp.float32),  # delta
-        plgpu.Barrier(num_barriers=5 if has_segments else 4),  # q, dO, lse2, delta, [seg]
-        plgpu.Barrier(num_barriers=2),  # k slot arrived
-        plgpu.Barrier(num_barriers=2),  # v slot arrived
-    ]
-    if has_segments:
-        dq_scratch += [
-            plgpu.SMEM((block_q,), jnp.int32),  # query-side segment ids
-            plgpu.SMEM((2, block_kv), jnp.int32),  # key-side segment ids ring
-            plgpu.Barrier(num_barriers=2),
-        ]
-    dq = plgpu.kernel(
-        dq_kernel,
-        out_type=jax.ShapeDtypeStruct((batch, seq_q_pad, num_q_heads, head_dim), dtype),
-        scratch_types=tuple(dq_scratch),
-        grid=(num_q_heads, num_q_blocks, batch),
+    transforms = tile_transforms()
+    segs = p.has_segments
+    rows_tile = plgpu.SMEM((wgs, WG_ROWS, p.head_dim), p.dtype, transforms=transforms)
+    kv_ring = plgpu.SMEM((stages, block_kv, p.head_dim), p.dtype, transforms=transforms)
+    scratch = dict(
+        q_smem=rows_tile, do_smem=rows_tile, k_smem=kv_ring, v_smem=kv_ring,
+        ds_smem=(None if p.register else
+                 plgpu.SMEM((wgs, WG_ROWS, block_kv), p.dtype, transforms=transforms)),
+        lse_smem=plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
+        delta_smem=plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
+        segq_smem=plgpu.SMEM((wgs, WG_ROWS), jnp.int32) if segs else None,
+        segk_smem=plgpu.SMEM((stages, block_kv), jnp.int32) if segs else None,
+        # q, dO, lse2, delta (and the query ids) of each warpgroup arrive on one barrier.
+        q_barriers=plgpu.Barrier(num_arrivals=5 if segs else 4, num_barriers=wgs),
+        k_barriers=plgpu.Barrier(num_arrivals=2 if segs else 1, num_barriers=stages),
+        v_barriers=plgpu.Barrier(num_barriers=stages),
+        k_consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        v_consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+    )
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((p.batch, p.seq_q_pad, p.num_q_heads, p.head_dim),
+                                      p.dtype),
+        scratch_types=scratch,
+        grid=(p.num_q_heads, num_q_blocks, p.batch),
         grid_names=("heads", "q_blocks", "batch"),
-        compiler_params=params,
-    )(q_p, k_p, v_p, do_p, lse2, delta, *seg_args)
+        num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )
 
-    if seq_q_pad != seq_q:
-        dq = dq[:, :seq_q]
-    if seq_k_pad != seq_k:
-        dk, dv = dk[:, :seq_k], dv[:, :seq_k]
-    return dq, dk, dv
+
+# ================================ dK / dV kernel ==========================================
+
+def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
+    wgs = block_kv // WG_ROWS
+    num_q_blocks = p.seq_q_pad // block_q
+    num_kv_blocks = p.seq_k_pad // block_kv
+    shape = (WG_ROWS, block_q)  # S^T, P^T, dP^T, dS^T of one warpgroup: its keys x the queries
+
+    def q_range(kv_start, rows):
+        """(first q block that sees any of keys [kv_start, +rows), first q block that sees all
+        of them from its first query on, so needs no mask)."""
+        if p.is_causal:
+            lo = lax.div(jnp.maximum(kv_start - p.causal_offset, 0), jnp.int32(block_q))
+            last_key = kv_start + rows - 1 - p.causal_offset
+            free = lax.div(jnp.maximum(last_key, 0) + (block_q - 1), jnp.int32(block_q))
+        else:
+            lo, free = jnp.int32(0), jnp.int32(0)
+        lo = jnp.minimum(lo, num_q_blocks)
+        if p.has_segments:
+            free = jnp.int32(num_q_blocks)  # every step compares segment ids
+        return lo, jnp.clip(free, lo, num_q_blocks)
+
+    def kernel(*refs, k_smem, v_smem, q_smem, do_smem, pt_smem, lse_smem, delta_smem,
+               segk_smem, segq_smem, kv_barriers, q_barriers, do_barriers, consumed):
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dk_ref, dv_ref = _unpack(
+            refs, p.has_segments, 2)
+        kv_head = lax.axis_index("heads")
+        b = lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        # Causal: kv block 0 sees every q block and is scheduled first (the grid's x axis is
+        # the head), so the light blocks fill the tail.
+        cta_kv_start = lax.axis_index("kv_blocks") * block_kv
+        cta_q_lo, _ = q_range(cta_kv_start, block_kv)
+        # Flat step t = (query head g of the group, q block cta_q_lo + i): the producer's
+        # prefetch runs across the head boundary.
+        steps_per_head = num_q_blocks - cta_q_lo
+        total_steps = p.group * steps_per_head
+
+        @pl.when(wg == wgs)
+        def _producer():
+            if wgs == 2:
+                plgpu.set_max_registers(_PRODUCER_REGS, action="decrease")
+
+            def issue(t, slot):
+                head = kv_head * p.group + lax.div(t, steps_per_head)
+                rows = pl.ds((cta_q_lo + lax.rem(t, steps_per_head)) * block_q, block_q)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, rows, head], q_smem.at[slot],
+                                        q_barriers.at[slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, head, rows], lse_smem.at[slot],
+                                        q_barriers.at[slot])
+                if p.has_segments:
+                    plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segq_smem.at[slot],
+                                            q_barriers.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[b, rows, head], do_smem.at[slot],
+                                        do_barriers.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[b, head, rows], delta_smem.at[slot],
+                                        do_barriers.at[slot])
+
+            for i in range(stages):
+                @pl.when(i < total_steps)
+                def _():
+                    issue(i, i)
+
+            @pl.loop(stages, jnp.maximum(total_steps, stages))
+            def _refill(t):
+                slot = lax.rem(t, jnp.int32(stages))
+                plgpu.barrier_wait(consumed.at[slot])  # step t - stages is done with the slot
+                issue(t, slot)
+
+            @pl.loop(jnp.maximum(total_steps - stages, 0), total_steps)
+            def _drain(t):  # the interpreter wants every phase observed
+                plgpu.barrier_wait(consumed.at[lax.rem(t, jnp.int32(stages))])
+
+        @pl.when(wg < wgs)
+        def _consumer():
+            if wgs == 2:
+                plgpu.set_max_registers(_COMPUTE_REGS, action="increase")
+            kv_start = cta_kv_start + wg * WG_ROWS
+            kv_rows = pl.ds(kv_start, WG_ROWS)
+            bar = kv_barriers.at[wg]
+            plgpu.copy_gmem_to_smem(k_ref.at[b, kv_rows, kv_head], k_smem.at[wg], bar)
+            plgpu.copy_gmem_to_smem(v_ref.at[b, kv_rows, kv_head], v_smem.at[wg], bar)
+            if p.has_segments:
+                plgpu.copy_gmem_to_smem(seg_ref.at[b, kv_rows], segk_smem.at[wg], bar)
+            plgpu.barrier_wait(bar)
+            k_seg = row_vec(segk_smem.at[wg]) if p.has_segments else None  # keys are rows
+            q_lo, q_free = q_range(kv_start, WG_ROWS)
+
+            def skip_step(qb, carry, *, g):
+                """A q block this warpgroup's keys cannot see (the other warpgroup's can)."""
+                slot = lax.rem(g * steps_per_head + (qb - cta_q_lo), jnp.int32(stages))
+                plgpu.barrier_wait(q_barriers.at[slot])
+                plgpu.barrier_wait(do_barriers.at[slot])
+                plgpu.barrier_arrive(consumed.at[slot])
+                return carry
+
+            def q_step(qb, carry, *, g, masked: bool):
+                dk_acc, dv_acc = carry
+                slot = lax.rem(g * steps_per_head + (qb - cta_q_lo), jnp.int32(stages))
+                q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
+                plgpu.barrier_wait(q_barriers.at[slot])
+                # S^T = K Q^T: rows are keys, columns are queries.
+                st = matmul(k_smem.at[wg], q_tile.transpose((1, 0)), shape)
+                st = st * p.score_mult - lax.broadcast_in_dim(col_vec(lse_smem.at[slot]),
+                                                              shape, [1])
+                if masked:
+                    allowed = None
+                    if p.is_causal:
+                        kv_ids = kv_start + plgpu.broadcasted_iota(
+                            jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+                        q_ids = qb * block_q + p.causal_offset + plgpu.broadcasted_iota(
+                            jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+                        allowed = kv_ids <= q_ids
+                    if p.has_segments:
+                        same = (lax.broadcast_in_dim(k_seg, shape, [0])
+                                == lax.broadcast_in_dim(col_vec(segq_smem.at[slot]), shape, [1]))
+                        allowed = same if allowed is None else allowed & same
+                    st = jnp.where(allowed, st, -jnp.inf)
+                pt = jnp.exp2(st)  # P^T; 0 where masked and for queries with lse2 = +inf
+                pt16 = pt.astype(p.dtype)
+
+                plgpu.barrier_wait(do_barriers.at[slot])
+                # dV += P^T dO and dP^T = V dO^T, both issued before either result is awaited.
+                if p.register:
+                    def dv_dpt(dpt_ref):
+                        plgpu.wgmma(dpt_ref, v_smem.at[wg], do_tile.transpose((1, 0)))
+                        return matmul_into(dv_acc, pt16, do_tile), dpt_ref[...]
+
+                    dv_acc, dpt = pl.run_scoped(dv_dpt, plgpu.ACC(shape, jnp.float32))
+                else:
+                    pt_smem.at[wg][...] = pt16
+                    plgpu.commit_smem()  # generic-proxy store -> visible to wgmma (async proxy)
+
+                    def dv_dpt(dv_ref, dpt_ref):
+                        plgpu.wgmma(dv_ref, pt_smem.at[wg], do_tile)
+                        plgpu.wgmma(dpt_ref, v_smem.at[wg], do_tile.transpose((1, 0)))
+                        return dv_ref[...], dpt_ref[...]
+
+                    dv_part, dpt = pl.run_scoped(
+                        dv_dpt, plgpu.ACC((WG_ROWS, p.head_dim), jnp.float32),
+                        plgpu.ACC(shape, jnp.float32))
+                    dv_acc = dv_acc + dv_part
+                delta_col = col_vec(delta_smem.at[slot])
+                dst = (pt * (dpt - lax.broadcast_in_dim(delta_col, shape, [1]))).astype(p.dtype)
+                if p.register:
+                    dk_acc = matmul_into(dk_acc, dst, q_tile)
+                else:
+                    # dS^T reuses the P^T tile: the wgmma that read P^T has completed.
+                    pt_smem.at[wg][...] = dst
+                    plgpu.commit_smem()
+                    dk_acc = dk_acc + matmul(pt_smem.at[wg], q_tile, (WG_ROWS, p.head_dim))
+                # lse2, delta (and ids) were read with ordinary loads and the producer's next
+                # TMA overwrites them: fence the proxies before releasing the slot.
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(consumed.at[slot])
+                return dk_acc, dv_acc
+
+            def head_loop(g, carry):
+                carry = lax.fori_loop(cta_q_lo, q_lo, functools.partial(skip_step, g=g), carry)
+                if p.is_causal or p.has_segments:  # otherwise no q block needs a mask
+                    carry = lax.fori_loop(q_lo, q_free,
+                                          functools.partial(q_step, g=g, masked=True), carry)
+                return lax.fori_loop(q_free, num_q_blocks,
+                                     functools.partial(q_step, g=g, masked=False), carry)
+
+            zeros = zeros_acc((WG_ROWS, p.head_dim))
+            dk_acc, dv_acc = lax.fori_loop(0, p.group, head_loop, (zeros, zeros))
+
+            # k and v are no longer needed: their tiles stage the outputs.
+            k_smem.at[wg][...] = (dk_acc * p.scale).astype(p.dtype)
+            v_smem.at[wg][...] = dv_acc.astype(p.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[b, kv_rows, kv_head])
+            plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, kv_rows, kv_head])
+            plgpu.wait_smem_to_gmem(0)
+
+    transforms = tile_transforms()
+    segs = p.has_segments
+    keys_tile = plgpu.SMEM((wgs, WG_ROWS, p.head_dim), p.dtype, transforms=transforms)
+    q_ring = plgpu.SMEM((stages, block_q, p.head_dim), p.dtype, transforms=transforms)
+    scratch = dict(
+        k_smem=keys_tile, v_smem=keys_tile, q_smem=q_ring, do_smem=q_ring,
+        pt_smem=(None if p.register else
+                 plgpu.SMEM((wgs, WG_ROWS, block_q), p.dtype, transforms=transforms)),
+        lse_smem=plgpu.SMEM((stages, block_q), jnp.float32),
+        delta_smem=plgpu.SMEM((stages, block_q), jnp.float32),
+        segk_smem=plgpu.SMEM((wgs, WG_ROWS), jnp.int32) if segs else None,
+        segq_smem=plgpu.SMEM((stages, block_q), jnp.int32) if segs else None,
+        kv_barriers=plgpu.Barrier(num_arrivals=3 if segs else 2, num_barriers=wgs),
+        q_barriers=plgpu.Barrier(num_arrivals=3 if segs else 2, num_barriers=stages),  # q, lse2
+        do_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dO, delta
+        consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+    )
+    kv_shape = jax.ShapeDtypeStruct((p.batch, p.seq_k_pad, p.num_kv_heads, p.head_dim), p.dtype)
+    return plgpu.kernel(
+        kernel,
+        out_type=(kv_shape, kv_shape),
+        scratch_types=scratch,
+        grid=(p.num_kv_heads, num_kv_blocks, p.batch),
+        grid_names=("heads", "kv_blocks", "batch"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )

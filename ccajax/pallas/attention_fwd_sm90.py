@@ -67,12 +67,13 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax._src import config as jax_config
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_args,
                                        check_block_sizes, pad_axis, round_up)
+from ccajax.pallas.sm90_pipeline import (KVSteps, in_interpret_mode, kv_flush, kv_producer,
+                                         tile_transforms)
 
 MAX_BLOCK = 256
 _LN2 = math.log(2.0)
@@ -81,16 +82,11 @@ _LN2 = math.log(2.0)
 def _check_args(q, k, v, is_causal, scale, block_q, block_kv, segment_ids, compute_wgs,
                 kv_stages):
     check_attention_args(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids)
-    check_block_sizes(block_q, block_kv, MAX_BLOCK)
+    check_block_sizes(MAX_BLOCK, block_q=block_q, block_kv=block_kv)
     if compute_wgs not in (1, 2):
         raise ValueError(f"compute_wgs must be 1 or 2; got compute_wgs={compute_wgs!r}")
     if not isinstance(kv_stages, int) or not 2 <= kv_stages <= 4:
         raise ValueError(f"kv_stages must be an int in [2, 4]; got kv_stages={kv_stages!r}")
-
-
-def in_interpret_mode() -> bool:
-    """True under ``plgpu.force_gpu_interpret_mode`` (read when the kernel is traced)."""
-    return jax_config.pallas_tpu_interpret_mode_context_manager.value is not None
 
 
 def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=None,
@@ -177,23 +173,8 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
     # Scores are kept in log2 units: s = (q . k) * scale * log2(e), so softmax uses exp2.
     score_mult = scale * LOG2E
 
-    def kv_range(q_start, rows):
-        """(kv steps, leading kv steps that need no mask) for query rows [q_start, +rows)."""
-        if is_causal:
-            # Exclusive end of the keys the last row may see.
-            kv_end = jnp.clip(q_start + rows + causal_offset, 0, seq_k)
-            steps = lax.div(kv_end + (block_kv - 1), jnp.int32(block_kv))
-            # Tile j needs no causal mask when its last key <= the first row's limit.
-            unmasked = lax.div(jnp.maximum(q_start + causal_offset + 1, 0), jnp.int32(block_kv))
-        else:
-            steps = jnp.int32(num_kv_blocks)
-            unmasked = jnp.int32(num_kv_blocks)
-        if seq_k % block_kv:
-            # The last (partial) kv tile always goes through the masked loop.
-            unmasked = jnp.minimum(unmasked, num_kv_blocks - 1)
-        if has_segments:
-            unmasked = jnp.int32(0)  # every tile compares segment ids
-        return steps, jnp.minimum(unmasked, steps)
+    kv_range = KVSteps(is_causal=is_causal, causal_offset=causal_offset, seq_k=seq_k,
+                       block_kv=block_kv, num_kv_blocks=num_kv_blocks, has_segments=has_segments)
 
     def kernel(*refs, q_smem, k_smem, v_smem, p_smem, lse_smem, seg_q_smem, seg_kv_smem,
                q_barriers, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier):
@@ -235,27 +216,8 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                 plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot],
                                         v_barriers.at[slot])
 
-            for i in range(stages):
-                @pl.when(i < cta_steps)
-                def _():
-                    issue_k(i, i)
-                    issue_v(i, i)
-
-            @pl.loop(stages, jnp.maximum(cta_steps, stages))
-            def _refill(step):
-                slot = lax.rem(step, jnp.int32(stages))
-                plgpu.barrier_wait(k_consumed.at[slot])  # step - stages is done with k
-                issue_k(step, slot)
-                plgpu.barrier_wait(v_consumed.at[slot])
-                issue_v(step, slot)
-
-            # Observe the last consumed phases too: free on the GPU, and the interpreter
-            # requires a thread that waits on a barrier to wait on every phase.
-            @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
-            def _drain(step):
-                slot = lax.rem(step, jnp.int32(stages))
-                plgpu.barrier_wait(k_consumed.at[slot])
-                plgpu.barrier_wait(v_consumed.at[slot])
+            kv_producer(issue_k=issue_k, issue_v=issue_v, steps=cta_steps, stages=stages,
+                        k_consumed=k_consumed, v_consumed=v_consumed)
 
         # ----------------------------------------------------------------- consumers --------
         @pl.when(wg < compute_wgs)
@@ -367,16 +329,9 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
 
             # Causal: the CTA's producer loads the kv steps of its last rows; a warpgroup that
             # needs fewer still releases (and observes) those slots, and keeps the ping-pong.
-            @pl.loop(kv_steps, cta_steps)
-            def _flush(step):
-                slot = lax.rem(step, jnp.int32(stages))
-                plgpu.barrier_wait(k_barriers.at[slot])
-                plgpu.barrier_arrive(k_consumed.at[slot])
-                plgpu.barrier_wait(v_barriers.at[slot])
-                plgpu.barrier_arrive(v_consumed.at[slot])
-                if pingpong:
-                    schedule_sync()
-                    schedule_sync()
+            kv_flush(kv_steps, cta_steps, stages=stages, k_barriers=k_barriers,
+                     v_barriers=v_barriers, k_consumed=k_consumed, v_consumed=v_consumed,
+                     between=(lambda: (schedule_sync(), schedule_sync())) if pingpong else None)
 
             if pingpong:
                 pl.when(wg == 0)(schedule_sync)
@@ -393,8 +348,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, q_head, pl.ds(q_start, wg_rows)])
             plgpu.wait_smem_to_gmem(0)
 
-    # 16-bit tiles for wgmma: (8, 64) tiling + 128-byte swizzle (64 elements x 2 bytes).
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    transforms = tile_transforms()
     tx_arrivals = 2 if has_segments else 1  # a second TMA copy (the ids) per barrier
     scratch = dict(
         q_smem=plgpu.SMEM((compute_wgs, wg_rows, head_dim), dtype, transforms=transforms),

@@ -77,9 +77,9 @@ def check_attention_args(q, k, v, *, is_causal, scale, segment_ids, same_dtype=(
                 f"segment_ids must be an integer array; got segment_ids.dtype={segment_ids.dtype}")
 
 
-def check_block_sizes(block_q, block_kv, max_block: int) -> None:
-    """Block sizes must be positive multiples of BLOCK_MULTIPLE, at most ``max_block``."""
-    for name, blk in (("block_q", block_q), ("block_kv", block_kv)):
+def check_block_sizes(max_block: int, **blocks) -> None:
+    """Each named block size must be a positive multiple of BLOCK_MULTIPLE, at most ``max_block``."""
+    for name, blk in blocks.items():
         if not isinstance(blk, int) or blk <= 0 or blk % BLOCK_MULTIPLE or blk > max_block:
             raise ValueError(f"{name} must be a positive multiple of {BLOCK_MULTIPLE} and at most "
                              f"{max_block}; got {name}={blk!r}")

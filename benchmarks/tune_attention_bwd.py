@@ -1,0 +1,104 @@
+"""Sweep the backward kernels' tile configurations on the GPU, next to cuDNN's backward.
+
+    PYTHONPATH=. python3 benchmarks/tune_attention_bwd.py --out=$OUT/tune_bwd.json
+
+Times ``attention_bwd`` alone (q, k, v, out, lse, d_out precomputed by our forward) for every
+configuration in ``CONFIGS`` and every cell (Hq:Hkv x causal at one S), and cuDNN's backward as
+its fwd+bwd minus its fwd. TF/s counts the backward's matmul FLOPs: 2.5 x 4*B*S^2*Hq*d (halved when
+causal). Prints one line per cell with ours/cuDNN per configuration; the best configuration per
+cell is what ``attention_bwd``'s defaults should be.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from benchmarks.timing import device_name, time_call
+from ccajax.pallas.attention_bwd_sm90 import attention_bwd
+from ccajax.pallas.attention_fwd_sm90 import attention_fwd
+
+flags.DEFINE_string("out", "benchmarks/results/tune_attention_bwd.json", "JSON output path.")
+flags.DEFINE_integer("seq", 16384, "Sequence length (batch = max(1, tokens // seq)).")
+flags.DEFINE_integer("tokens", 16384, "Tokens per batch.")
+flags.DEFINE_list("heads", ["16:16", "8:2", "4:4"], "Hq:Hkv pairs.")
+flags.DEFINE_list("configs", None, "Names from CONFIGS (default: all).")
+flags.DEFINE_integer("repeats", 5, "Median of this many repeats of ten calls per sync.")
+FLAGS = flags.FLAGS
+HEAD_DIM = 128
+
+CONFIGS = {
+    "default": {},
+    "stages3": dict(stages=3),
+    "dq_bkv128": dict(dq_block_kv=128),
+    "dkv_bq128": dict(dkv_block_q=128),
+    "one_wg": dict(dq_block_q=64, dkv_block_kv=64),
+    "smem_operands": dict(register_operands=False),
+}
+
+
+def cudnn_bwd_ms(q, k, v, causal):
+    def attn(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    fwd = jax.jit(attn)
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), (0, 1, 2)))
+    return 1e3 * (time_call(grad, q, k, v, repeats=FLAGS.repeats)
+                  - time_call(fwd, q, k, v, repeats=FLAGS.repeats))
+
+
+def main(argv):
+    del argv
+    names = FLAGS.configs or list(CONFIGS)
+    seq = FLAGS.seq
+    batch = max(1, FLAGS.tokens // seq)
+    rows = []
+    for heads in FLAGS.heads:
+        hq, hkv = map(int, heads.split(":"))
+        keys = jax.random.split(jax.random.key(hq * 7 + hkv), 4)
+        q = jax.random.normal(keys[0], (batch, seq, hq, HEAD_DIM), jnp.bfloat16)
+        k, v = (jax.random.normal(key, (batch, seq, hkv, HEAD_DIM), jnp.bfloat16)
+                for key in keys[1:3])
+        d_out = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
+        for causal in (True, False):
+            flops = 2.5 * 4 * batch * seq**2 * hq * HEAD_DIM * (0.5 if causal else 1.0)
+            out, lse = jax.jit(lambda q, k, v: attention_fwd(q, k, v, is_causal=causal,
+                                                             scale=None))(q, k, v)
+            row = dict(seq=seq, batch=batch, hq=hq, hkv=hkv, causal=causal, results={})
+            ms = cudnn_bwd_ms(q, k, v, causal)
+            row["results"]["cudnn"] = dict(ms=ms, tflops=flops / ms / 1e9)
+            for name in names:
+                fn = jax.jit(lambda *a, cfg=CONFIGS[name]: attention_bwd(
+                    *a, is_causal=causal, scale=None, **cfg))
+                try:
+                    ms = 1e3 * time_call(fn, q, k, v, out, lse, d_out, repeats=FLAGS.repeats)
+                    row["results"][name] = dict(ms=ms, tflops=flops / ms / 1e9)
+                except Exception as e:  # noqa: BLE001 - record why a configuration failed
+                    row["results"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            rows.append(row)
+            print(format_row(row), flush=True)
+    result = dict(device=device_name(), date=datetime.date.today().isoformat(),
+                  jax=jax.__version__, configs={n: CONFIGS[n] for n in names},
+                  method=f"median of {FLAGS.repeats} repeats of 10 calls per sync", rows=rows)
+    with open(FLAGS.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {FLAGS.out}")
+
+
+def format_row(row) -> str:
+    res = row["results"]
+    base = res["cudnn"]["tflops"]
+    parts = [f"S={row['seq']} {row['hq']:>2}:{row['hkv']:<2} {'causal' if row['causal'] else 'full  '}"
+             f" cudnn {base:4.0f}"]
+    for name, r in res.items():
+        if name != "cudnn":
+            parts.append(f"{name} {r['tflops']:4.0f} ({r['tflops'] / base:.2f})" if "tflops" in r
+                         else f"{name} ERR")
+    return " | ".join(parts)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,139 @@
+"""In-kernel pieces the sm90 attention kernels share: the k/v producer ring, the causal step
+ranges, operand helpers for wgmma. Used inside ``plgpu.kernel`` bodies only.
+
+The forward kernel and the dQ kernel have the same outer structure: one CTA per (query head,
+query block), compute warpgroups of 64 query rows each, and one producer warpgroup that streams
+the kv tiles of the CTA's kv head through a ``stages``-slot shared-memory ring.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax._src import config as jax_config
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+# Rows of one compute warpgroup's tile: wgmma's M is 64 per warpgroup.
+WG_ROWS = 64
+
+
+def in_interpret_mode() -> bool:
+    """True under ``plgpu.force_gpu_interpret_mode`` (read when the kernel is traced)."""
+    return jax_config.pallas_tpu_interpret_mode_context_manager.value is not None
+
+
+def tile_transforms():
+    """16-bit tiles for wgmma: (8, 64) tiling + 128-byte swizzle (64 elements x 2 bytes)."""
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def row_vec(ref):
+    """A (rows,) SMEM vector as one value per accumulator row (WGMMA row layout)."""
+    return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1))
+
+
+def col_vec(ref):
+    """A (cols,) SMEM vector as one value per accumulator column (WGMMA column layout)."""
+    return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(0))
+
+
+def matmul(a, b_ref, shape):
+    """a @ b into a fresh zero fp32 accumulator of ``shape``.
+
+    No ``pl.run_state``: the interpreter cannot run it, so the result is returned and added to
+    a register accumulator by the caller. ``a`` is an SMEM ref (or a 16-bit WGMMA-layout value
+    on the GPU); ``b_ref`` an SMEM ref, possibly a transposed view.
+    """
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_ref)
+        return acc_ref[...]
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def matmul_into(acc, a, b_ref):
+    """acc += a @ b in place (GPU only: ``pl.run_state`` is not interpretable)."""
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_ref)
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def zeros_acc(shape):
+    return plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+
+class KVSteps:
+    """Which kv tiles a run of query rows visits, for a (causal or full) mask.
+
+    Query i sees key j iff ``j <= i + causal_offset`` (causal_offset = Sk - Sq: the last query
+    meets the last key). The last, partial kv tile and every tile under segment ids need a mask.
+    """
+
+    def __init__(self, *, is_causal: bool, causal_offset: int, seq_k: int, block_kv: int,
+                 num_kv_blocks: int, has_segments: bool):
+        self.is_causal, self.causal_offset, self.seq_k = is_causal, causal_offset, seq_k
+        self.block_kv, self.num_kv_blocks, self.has_segments = block_kv, num_kv_blocks, has_segments
+
+    def __call__(self, q_start, rows):
+        """(kv steps, leading steps that need no mask) for query rows [q_start, q_start + rows)."""
+        block_kv = self.block_kv
+        if self.is_causal:
+            # Exclusive end of the keys the last row may see.
+            kv_end = jnp.clip(q_start + rows + self.causal_offset, 0, self.seq_k)
+            steps = lax.div(kv_end + (block_kv - 1), jnp.int32(block_kv))
+            # Tile j needs no causal mask when its last key <= the first row's limit.
+            unmasked = lax.div(jnp.maximum(q_start + self.causal_offset + 1, 0),
+                               jnp.int32(block_kv))
+        else:
+            steps = jnp.int32(self.num_kv_blocks)
+            unmasked = jnp.int32(self.num_kv_blocks)
+        if self.seq_k % block_kv:
+            unmasked = jnp.minimum(unmasked, self.num_kv_blocks - 1)
+        if self.has_segments:
+            unmasked = jnp.int32(0)  # every tile compares segment ids
+        return steps, jnp.minimum(unmasked, steps)
+
+
+def kv_producer(*, issue_k, issue_v, steps, stages, k_consumed, v_consumed):
+    """Producer warpgroup: fill a ``stages``-slot ring with k and v tiles for ``steps`` steps.
+
+    ``issue_k(step, slot)`` / ``issue_v(step, slot)`` start the TMA copies of one step. Before a
+    slot is refilled, every compute warpgroup must have arrived on its k (v) consumed barrier.
+    """
+    for i in range(stages):
+        @pl.when(i < steps)
+        def _():
+            issue_k(i, i)
+            issue_v(i, i)
+
+    @pl.loop(stages, jnp.maximum(steps, stages))
+    def _refill(step):
+        slot = lax.rem(step, jnp.int32(stages))
+        plgpu.barrier_wait(k_consumed.at[slot])  # step - stages is done with k
+        issue_k(step, slot)
+        plgpu.barrier_wait(v_consumed.at[slot])
+        issue_v(step, slot)
+
+    # Observe the last consumed phases too: free on the GPU, and the interpreter requires a
+    # thread that waits on a barrier to wait on every phase.
+    @pl.loop(jnp.maximum(steps - stages, 0), steps)
+    def _drain(step):
+        slot = lax.rem(step, jnp.int32(stages))
+        plgpu.barrier_wait(k_consumed.at[slot])
+        plgpu.barrier_wait(v_consumed.at[slot])
+
+
+def kv_flush(first, last, *, stages, k_barriers, v_barriers, k_consumed, v_consumed,
+             between=None):
+    """A compute warpgroup that needs fewer kv steps than its CTA's producer loads (causal) still
+    observes and releases the slots of steps [first, last). ``between`` runs after each step's
+    k release (the forward's ping-pong hand-over)."""
+    @pl.loop(first, last)
+    def _flush(step):
+        slot = lax.rem(step, jnp.int32(stages))
+        plgpu.barrier_wait(k_barriers.at[slot])
+        plgpu.barrier_arrive(k_consumed.at[slot])
+        plgpu.barrier_wait(v_barriers.at[slot])
+        plgpu.barrier_arrive(v_consumed.at[slot])
+        if between is not None:
+            between()
