@@ -3,20 +3,22 @@
 Functional core: ``init_cca_params`` / ``cca_attention`` (and the MHA/GQA/MQA and MLA baselines
 with the same interface); Flax NNX modules in ``ccajax.modules``; ZAYA1 weight import in
 ``ccajax.convert``; cost accounting in ``ccajax.costs``; the attention dispatch in
-``ccajax.attention``.
+``ccajax.attention``; per-layer decoding (KV caches, prefill, decode steps) in ``ccajax.decode`` and
+``generate`` for any model with the decode protocol.
 """
 
-from ccajax import attention, convert, costs
+from ccajax import attention, convert, costs, decode
 from ccajax.attention import dot_product_attention
 from ccajax.cca import cca_attention, cca_qkv, init_cca_params
 from ccajax.config import CCAConfig, MHAConfig, MLAConfig
+from ccajax.generate import generate
 from ccajax.mha import init_mha_params, mha_attention
 from ccajax.mla import init_mla_params, mla_attention
 from ccajax.modules import (CCAttention, MultiHeadAttention, MultiLatentAttention,
                             attention_module)
 
 __all__ = [
-    "attention", "convert", "costs",
+    "attention", "convert", "costs", "decode", "generate",
     "CCAConfig", "MHAConfig", "MLAConfig",
     "init_cca_params", "cca_attention", "cca_qkv",
     "init_mha_params", "mha_attention", "init_mla_params", "mla_attention",
