@@ -14,7 +14,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python experiments/demo.py
+	$(VENV)/bin/python -m experiments.demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests

@@ -1,0 +1,122 @@
+"""The LM: every attention through the foundation's modules, MoE, configs, FLOP accounting."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ccajax import costs, models
+from ccajax.config import CCAConfig, MHAConfig, MLAConfig
+from ccajax.modules import CCAttention, MultiHeadAttention, MultiLatentAttention
+
+
+def small_cfg(attention="ccgqa", **kwargs):
+    att = models.attention_config(attention, d_model=32, num_heads=4, head_dim=8, num_kv_heads=2)
+    return models.LMConfig(**(dict(vocab_size=40, num_layers=1, attention=att, mlp_dim=48,
+                                   dtype="float32") | kwargs))
+
+
+# XLA's CPU backend optimisations take longer to compile than these tiny programs take to run.
+fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def _f32(tree):
+    return all(p.dtype == jnp.float32 for p in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("attention, expected", [
+    ("mha", MHAConfig(32, 4, 4, 8)), ("gqa", MHAConfig(32, 4, 2, 8)), ("mqa", MHAConfig(32, 4, 1, 8)),
+    ("mla", MLAConfig(32, 4, 8, 8, 4, 8)), ("cca", CCAConfig(32, 2, 2, 8)),
+    ("ccgqa", CCAConfig(32, 2, 1, 8)),
+])
+def test_attention_config_maps_names_to_foundation_configs(attention, expected):
+    got = models.attention_config(attention, d_model=32, num_heads=4, head_dim=8,
+                                  num_kv_heads=2 if attention == "gqa" else 1)
+    assert got == expected
+
+
+@pytest.mark.parametrize("attention, module", [
+    ("mha", MultiHeadAttention), ("gqa", MultiHeadAttention), ("mqa", MultiHeadAttention),
+    ("mla", MultiLatentAttention), ("cca", CCAttention), ("ccgqa", CCAttention)])
+def test_blocks_use_the_foundation_modules(attention, module):
+    cfg = small_cfg(attention, num_layers=2)
+    model = nnx.eval_shape(lambda: models.TransformerLM(cfg, rngs=nnx.Rngs(0)))
+    assert [type(b.attn) for b in model.blocks] == [module, module]
+    assert all(b.attn.cfg == cfg.attention for b in model.blocks)
+
+
+@pytest.mark.parametrize("attention", ["mha", "mla", "ccgqa"])  # one per attention module
+def test_forward_shapes_bf16(attention):
+    model = models.TransformerLM(small_cfg(attention, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    assert _f32(nnx.state(model, nnx.Param))  # fp32 params, bf16 compute
+    tokens = jnp.arange(2 * 8, dtype=jnp.int32).reshape(2, 8) % 40
+    logits, aux = fast_jit(lambda m, t: m(t, jnp.ones_like(t)))(model, tokens)
+    assert logits.shape == (2, 8, 40) and logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all() and float(aux) == 0.0
+
+
+def test_moe_remat_untied():
+    cfg = small_cfg(num_experts=4, experts_per_token=2, remat="full", tie_embeddings=False)
+    model = models.TransformerLM(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 40)
+
+    @fast_jit
+    def forward_and_grad(model):
+        def loss(m):
+            logits, aux = m(tokens)
+            return jnp.mean(logits ** 2) + aux, (logits, aux)
+        return nnx.grad(loss, has_aux=True)(model)
+
+    grads, (logits, aux) = forward_and_grad(model)
+    assert logits.shape == (2, 8, 40) and logits.dtype == jnp.float32
+    assert float(aux) >= 1.0 - 1e-5  # the load-balance loss is 1 when balanced, more otherwise
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads)) and _f32(grads)
+    assert float(jnp.abs(grads["blocks"][0]["mlp"]["w_down"][...]).max()) > 0
+
+
+def test_param_count_and_train_flops():
+    cfg = small_cfg("mha")
+    # embedding 40*32 + block (4*32*32 attention + 3*32*48 MLP + 2 norms) + final norm
+    assert models.param_count(cfg) == 40 * 32 + 4 * 32 * 32 + 3 * 32 * 48 + 2 * 32 + 32
+    B, S = 2, 16
+    matmul = 4 * 32 * 32 + 3 * 32 * 48 + 40 * 32
+    attention = 3.5 * costs.attention_flops(cfg.attention, B, S)
+    assert models.train_flops_per_step(cfg, B, S) == 6 * matmul * B * S + attention
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(vocab_size=0), r"vocab_size must be a positive int, got 0"),
+    (dict(num_experts=1), r"num_experts must be 0 \(dense MLP\) or an int >= 2, got 1"),
+    (dict(num_experts=2, experts_per_token=3), r"experts_per_token=3 must be <= num_experts=2"),
+    (dict(dtype="bf16"), r"dtype must be one of \('float32', 'bfloat16', 'float16'\), got 'bf16'"),
+    (dict(remat="some"), r"remat must be one of \('none', 'full', 'dots'\), got 'some'"),
+    (dict(attention_implementation="flash"), r"attention_implementation must be one of"),
+])
+def test_lm_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        small_cfg(**kwargs)
+
+
+def test_attention_config_errors():
+    with pytest.raises(ValueError, match=r"attention must be one of \('mha', 'gqa', 'mqa', 'mla', "
+                                         r"'cca', 'ccgqa'\), got 'linear'"):
+        models.attention_config("linear", d_model=32, num_heads=4, head_dim=8)
+    with pytest.raises(ValueError, match=r"compression=3 must divide num_heads=4; valid: \[1, 2, 4\]"):
+        models.attention_config("cca", d_model=32, num_heads=4, head_dim=8, compression=3)
+
+
+def test_decode_protocol_matches_full_forward():
+    """`ccajax.generate` over the model's prefill/decode_step equals greedy full forwards."""
+    from ccajax.generate import generate
+    model = models.TransformerLM(small_cfg("ccgqa"), rngs=nnx.Rngs(0))
+    prompt = jnp.array([[3, 5, 7, 9, 11]], jnp.int32)
+    out = generate(model, prompt, max_new_tokens=5, cache_dtype=jnp.float32)
+    forward = fast_jit(lambda m, t: m(t)[0])
+    tokens = prompt[0].tolist()
+    for _ in range(5):  # the causal model ignores the zero padding after the prefix
+        logits = forward(model, jnp.array([tokens + [0] * (10 - len(tokens))]))
+        tokens.append(int(jnp.argmax(logits[0, len(tokens) - 1])))
+    assert out.tokens[0].tolist() == tokens[5:]

@@ -1,0 +1,59 @@
+"""SPMD: a train step on a (data=2, fsdp=2) mesh of 4 CPU devices equals the single-device step."""
+
+import subprocess
+import sys
+
+from tests.test_train import ROOT, SUBPROCESS_ENV
+
+SCRIPT = r"""
+import jax, numpy as np
+from jax.sharding import PartitionSpec as P
+from ccajax import models, sharding, training
+
+assert jax.device_count() == 4, jax.devices()
+att = models.attention_config("ccgqa", d_model=32, num_heads=4, head_dim=8, num_kv_heads=1)
+cfg = models.LMConfig(vocab_size=64, num_layers=1, attention=att, mlp_dim=64, dtype="float32")
+tx = training.make_optimizer(training.OptimizerConfig(learning_rate=1e-2, warmup_steps=1,
+                                                      total_steps=10))
+tokens = np.random.default_rng(0).integers(0, 64, (8, 17)).astype(np.int32)
+batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+         "loss_mask": np.ones((8, 16), np.float32), "segment_ids": np.ones((8, 16), np.int32)}
+
+def run(mesh):
+    graphdef, _, shardings = training.abstract_train_state(cfg, tx, mesh)
+    state = training.init_train_state(cfg, tx, 0, shardings)
+    step, _ = training.jit_steps(graphdef, shardings, mesh)
+    device_batch = sharding.shard_batch(batch, sharding.batch_sharding(mesh))
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, device_batch)
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+sharded, sharded_losses = run(sharding.make_mesh(data=2, fsdp=2))
+single, single_losses = run(sharding.make_mesh(devices=jax.devices()[:1]))
+
+embedding = sharded["model"]["embed"]["embedding"][...]
+assert embedding.sharding.spec == P("fsdp", None), embedding.sharding.spec  # (64, 32): vocab split
+assert len({s.device for s in embedding.addressable_shards}) == 4
+assert embedding.addressable_shards[0].data.shape == (32, 32)
+mu = sharded["optimizer"]["opt_state"][1][0]["mu"]["embed"]["embedding"][...]
+assert mu.sharding.spec == P("fsdp", None) and mu.addressable_shards[0].data.shape == (32, 32)
+scale = sharded["model"]["final_norm"]["scale"][...]
+assert scale.sharding.is_fully_replicated
+assert len(single["model"]["embed"]["embedding"][...].sharding.device_set) == 1
+
+np.testing.assert_allclose(sharded_losses, single_losses, rtol=2e-5)
+assert sharded_losses[-1] < sharded_losses[0]
+for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+print("OK", sharded_losses)
+"""
+
+
+def test_sharded_step_equals_single_device_step():
+    env = SUBPROCESS_ENV | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": SUBPROCESS_ENV["XLA_FLAGS"]
+                            + " --xla_force_host_platform_device_count=4"}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
