@@ -204,7 +204,8 @@ def cca_qkv(params: dict, x: jnp.ndarray, cfg: CCAConfig, positions: jnp.ndarray
 
 def cca_attention(params: dict, x: jnp.ndarray, cfg: CCAConfig, *,
                   segment_ids: jnp.ndarray | None = None, positions: jnp.ndarray | None = None,
-                  implementation: str | None = None, dtype=None) -> jnp.ndarray:
+                  implementation: str | None = None, dtype=None,
+                  prologue: str | None = None) -> jnp.ndarray:
     """The CCA / CCGQA attention layer.
 
     Args:
@@ -217,11 +218,24 @@ def cca_attention(params: dict, x: jnp.ndarray, cfg: CCAConfig, *,
       positions: (S,) or (B, S) int RoPE positions; default 0..S-1 (per segment).
       implementation: attention backend for `ccajax.attention.dot_product_attention`.
       dtype: compute dtype; default x's dtype.
+      prologue: how q/k/v are made: "plain" (this module's functions, the reference), or the
+        fused path of `ccajax.cca_fused` (one down-projection matmul; same results to rounding)
+        with its prologue in "jnp" or in the "mosaic" kernel (Hopper); None: "plain" (the fused
+        paths become the GPU default once measured faster: see pallas/NOTES_prologue.md).
     Returns:
       y (B, S, E) in the compute dtype.
     """
+    if prologue in (None, "plain"):
+        qkv = cca_qkv
+    elif prologue in ("jnp", "mosaic"):
+        from ccajax.cca_fused import cca_qkv_fused  # imports this module
+
+        def qkv(p, x, cfg, pos, seg):
+            return cca_qkv_fused(p, x, cfg, pos, seg, prologue=prologue)
+    else:
+        raise ValueError(f"prologue must be 'plain', 'jnp', 'mosaic' or None, got {prologue!r}")
     o, params = attend(params, x, cfg, init_cca_params,
-                       lambda p, x, pos, seg: cca_qkv(p, x, cfg, pos, seg),
+                       lambda p, x, pos, seg: qkv(p, x, cfg, pos, seg),
                        segment_ids=segment_ids, positions=positions,
                        implementation=implementation, dtype=dtype)
     return o @ params["out"]["wo"]

@@ -1,0 +1,159 @@
+"""The Mosaic GPU (sm90) CCA prologue kernel against its jnp reference, on the CPU.
+
+The kernel runs under ``plgpu.force_gpu_interpret_mode`` (with the race detector on for one
+case). The reference is `ccajax.cca_fused.fused_prologue` (equal to `ccajax.cca`'s functions, see test_cca_fused.py) in
+float32 from the same 16-bit inputs and weights, so the tolerance covers only the kernel's own
+rounding: conv0 rounded to bf16 before the conv1 matmul (as the plain path does) and the bf16
+output. Outputs have unit-scale elements (rows of norm sqrt(d), times temperatures ~1): measured
+worst max-abs error 1.0e-2 in bf16; bound 3e-2. A wrong halo, mask or tap gives O(1) errors.
+Shapes: 2-3 row blocks of 64 (block boundaries, the first tokens, a tail), batch 1 or 2.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ccajax import CCAConfig, cca_qkv, init_cca_params
+from ccajax._common import cast_tree
+from ccajax.cca_fused import cca_qkv_fused, fused_prologue
+from ccajax.pallas.prologue_sm90 import mosaic_prologue
+from ccajax.rope import contiguous_segments, default_positions
+
+TOL = 3e-2
+CONFIGS = {
+    # id: (CCAConfig kwargs, S, segmented, B)
+    "ccgqa-zaya1-segments": (dict(num_q_heads=4, num_kv_heads=1, rope_fraction=0.5,
+                                  rope_theta=5e6), 130, True, 1),
+    "cca-full-rope-exp-temp": (dict(num_q_heads=2, num_kv_heads=2, temperature_form="exp"),
+                               128, False, 1),
+    "no-mean-no-temp": (dict(num_q_heads=2, num_kv_heads=1, use_qk_mean=False,
+                             use_key_temperature=False), 100, True, 2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_interpreter():
+    """An exception inside an interpreted kernel leaves global interpreter state behind."""
+    yield
+    gpu_interpret.reset_gpu_interpret_mode_state()
+
+
+def _setup(rng, kwargs, seq, segmented, batch, head_dim=64):
+    cfg = CCAConfig(d_model=4 * head_dim, head_dim=head_dim, **kwargs)
+    params = init_cca_params(jax.random.key(int(rng.integers(1 << 30))), cfg)
+    # Non-trivial biases and temperatures, rounded to bf16 (the layer casts params before use).
+    params = cast_tree(jax.tree.map(
+        lambda a: a + 0.3 * jnp.asarray(rng.normal(size=a.shape), a.dtype), params), jnp.bfloat16)
+    heads = cfg.num_q_heads + 2 * cfg.num_kv_heads  # q, k and the value heads, as the layer's p
+    p = jnp.asarray(rng.normal(size=(batch, seq, heads, head_dim)), jnp.bfloat16)
+    seg = None
+    if segmented:  # runs of random length, one starting right at a block boundary (row 64)
+        ids = np.cumsum(rng.random((batch, seq)) < 0.05, axis=1)
+        ids[:, 64:] += 1
+        seg = contiguous_segments(jnp.asarray(ids, jnp.int32))
+    positions = default_positions(seg, batch, seq)
+    return cfg, params, p, positions
+
+
+def _args(cfg, params, p, positions):
+    temp = params["qk_norm"]["temp"] if cfg.use_key_temperature else None
+    return p, params["conv"], temp, positions, positions
+
+
+def _reference(cfg, p, conv, temp, positions, segment_positions):
+    f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)  # noqa: E731
+    u = p[:, :, :cfg.num_q_heads + cfg.num_kv_heads]
+    return fused_prologue(f32(conv), f32(temp), f32(u), cfg, positions, segment_positions)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_forward_matches_reference(rng, name):
+    kwargs, seq, segmented, batch = CONFIGS[name]
+    cfg, params, p, positions = _setup(rng, kwargs, seq, segmented, batch)
+    args = _args(cfg, params, p, positions)
+    # The race detector costs ~1.6x; the most complex case (G=4, segments, tail) runs with it.
+    races = name == "ccgqa-zaya1-segments"
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=races)):
+        q, k = mosaic_prologue(*args, cfg)
+        q, k = np.asarray(q.astype(jnp.float32)), np.asarray(k.astype(jnp.float32))
+    assert not gpu_interpret.get_races().races_found, "interpreter found a data race"
+    ref_q, ref_k = _reference(cfg, *args)
+    assert q.shape == ref_q.shape and k.shape == ref_k.shape
+    np.testing.assert_allclose(q, ref_q, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(k, ref_k, atol=TOL, rtol=TOL)
+    # The first tokens and block-boundary rows, where the halo matters, explicitly.
+    for rows in (slice(0, 3), slice(63, 66)):
+        np.testing.assert_allclose(k[:, rows], ref_k[:, rows], atol=TOL, rtol=TOL)
+
+
+def test_layer_gradients_match_reference(rng):
+    """q, k, v of the fused path with the kernel prologue (bf16) against the plain `cca_qkv` in
+    float32: values and the gradients of every param and of x."""
+    kwargs, _, segmented, _ = CONFIGS["ccgqa-zaya1-segments"]
+    cfg, params, _, _ = _setup(rng, kwargs, 70, segmented, 1)
+    x = jnp.asarray(rng.normal(size=(1, 70, cfg.d_model)), jnp.bfloat16)
+    seg = contiguous_segments(jnp.asarray(np.repeat([[0, 1]], [40, 30], axis=1), jnp.int32))
+    positions = default_positions(seg, 1, 70)
+    cts = [jnp.asarray(rng.normal(size=(1, 70, h, 64)), jnp.float32)
+           for h in (cfg.num_q_heads, cfg.num_kv_heads, cfg.num_kv_heads)]
+
+    def loss(qkv, params, x):
+        return sum(jnp.vdot(a.astype(jnp.float32), c) for a, c in zip(qkv(params, x), cts))
+
+    kernel = lambda p, x: cca_qkv_fused(p, x, cfg, positions, seg, prologue="mosaic",  # noqa: E731
+                                        interpret=True)
+    ref = lambda p, x: cca_qkv(p, x, cfg, positions, seg)  # noqa: E731
+    params = {g: v for g, v in params.items() if g != "out"}  # q, k, v do not use wo
+    got = jax.jit(jax.value_and_grad(lambda *a: loss(kernel, *a), (0, 1)))(params, x)
+    f32 = jax.tree.map(lambda a: a.astype(jnp.float32), (params, x))
+    want = jax.jit(jax.value_and_grad(lambda *a: loss(ref, *a), (0, 1)))(*f32)
+    ct_norm = float(jnp.sqrt(sum(jnp.vdot(c, c) for c in cts)))
+    assert abs(float(got[0]) - float(want[0])) <= 1e-2 * ct_norm
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got[1]), jax.tree.leaves(want[1])):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        scale = np.abs(w).max()
+        assert scale > 0 and np.abs(g - w).max() <= 3e-2 * scale, jax.tree_util.keystr(path)
+
+
+def test_bad_inputs_name_the_problem(rng):
+    cfg, params, p, positions = _setup(rng, dict(num_q_heads=2, num_kv_heads=2), 64, False, 1)
+    args = _args(cfg, params, p, positions)
+    with pytest.raises(ValueError, match="dtype float32"):
+        mosaic_prologue(p.astype(jnp.float32), *args[1:], cfg)
+    with pytest.raises(ValueError, match=r"conv True \(3, 2\)"):
+        mosaic_prologue(*args, CCAConfig(256, 2, 2, 64, conv_kernel_sizes=(3, 2)))
+    with pytest.raises(ValueError, match="p must be"):
+        mosaic_prologue(p[:, :, :3], *args[1:], cfg)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="compiles the kernel for a real Hopper GPU; CPU runs use interpret mode above")
+@pytest.mark.parametrize("name", ["ccgqa-zaya1-segments", "cca-full-rope-exp-temp"])
+def test_compiled_on_gpu(rng, name):
+    """Realistic shapes (8:2 / 8:8 heads, d=128, S=1000 with a tail) through the GPU build; layouts
+    are only checked by the real compiler."""
+    kwargs, _, segmented, _ = CONFIGS[name]
+    kwargs = dict(kwargs, num_q_heads=8, num_kv_heads=2 if "ccgqa" in name else 8)
+    cfg, params, p, positions = _setup(rng, kwargs, 1000, segmented, 2, head_dim=128)
+    args = _args(cfg, params, p, positions)
+    q, k = jax.jit(lambda *a: mosaic_prologue(*a, cfg))(*args)
+    ref_q, ref_k = _reference(cfg, *args)
+    np.testing.assert_allclose(np.asarray(q.astype(jnp.float32)), ref_q, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(np.asarray(k.astype(jnp.float32)), ref_k, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("heads", [(8, 2), (8, 8)], ids=["8:2", "8:8"])
+def test_lowers_for_the_gpu(heads):
+    """Mosaic's lowering and layout inference run on a CPU-only jaxlib: this catches what the
+    interpreter accepts and the GPU compiler rejects (a TMA into a swizzled tile from an unaligned
+    row once did). PTX, registers and the SMEM limit are only checked by test_compiled_on_gpu."""
+    cfg = CCAConfig(d_model=2048, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=128,
+                    rope_fraction=0.5)
+    params = cast_tree(init_cca_params(jax.random.key(0), cfg), jnp.bfloat16)
+    p = jax.ShapeDtypeStruct((1, 200, heads[0] + 2 * heads[1], 128), jnp.bfloat16)
+    positions = default_positions(None, 1, 200)
+    fn = jax.jit(lambda p, conv, temp: mosaic_prologue(p, conv, temp, positions, positions, cfg))
+    fn.trace(p, params["conv"], params["qk_norm"]["temp"]).lower(lowering_platforms=("cuda",))
