@@ -122,7 +122,9 @@ def test_forward_and_gradients_match_reference(backend, case, request):
         assert rel_err(g, w) <= tol, f"{name}: {rel_err(g, w):.2e} > {tol}"
     if case.causal and case.seq_q > case.seq_k:  # rows with no key: exactly 0
         np.testing.assert_array_equal(np.asarray(got[0][:, : case.seq_q - case.seq_k], np.float32), 0.0)
-    # Determinism: the same bits on a re-run.
+    if backend == "cudnn":
+        return  # cuDNN's flash backward accumulates dq with atomics: not bit-reproducible
+    # Determinism of ours (xla, mosaic): the same bits on a re-run.
     again = jax.jit(lambda *a: forward_and_grads(lambda *x: attend(backend, *x, **kw), a, d_out))(*args)
     for g, h in zip(got, again):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(h, np.float32))

@@ -290,3 +290,12 @@ def test_compiled_on_gpu_segments_and_d64(rng):
     grads = attention_bwd(q, k, v, out.astype(q.dtype), lse, d_out, is_causal=True,
                           scale=None, segment_ids=seg)
     _assert_close([np.asarray(g.astype(jnp.float32)) for g in grads], ref_grads, q.dtype)
+
+
+def test_interpret_mode_refuses_a_thread_pool_that_would_deadlock(monkeypatch):
+    # Two compute warpgroups + the producer + the caller need 4 XLA CPU workers.
+    monkeypatch.setenv("NPROC", "3")
+    arrays, kwargs = _args()
+    with plgpu.force_gpu_interpret_mode():
+        with pytest.raises(RuntimeError, match=r"needs 4 workers .* has 3 here \(NPROC\).*NPROC=8"):
+            attention_bwd(*arrays, **kwargs)

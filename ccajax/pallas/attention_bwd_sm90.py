@@ -85,9 +85,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_args,
                                        check_block_sizes, pad_axis, round_up)
-from ccajax.pallas.sm90_pipeline import (WG_ROWS, KVSteps, col_vec, in_interpret_mode, kv_flush,
-                                         kv_producer, matmul, matmul_into, row_vec,
-                                         tile_transforms, zeros_acc)
+from ccajax.pallas.sm90_pipeline import (WG_ROWS, KVSteps, check_interpret_threads, col_vec,
+                                         in_interpret_mode, kv_flush, kv_producer, matmul,
+                                         matmul_into, row_vec, tile_transforms, zeros_acc)
 
 # Two fp32 (64, d) accumulators plus (64, block) S/dP tiles must fit one warpgroup's registers.
 MAX_BLOCK = 128
@@ -165,13 +165,10 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
     if register_operands and in_interpret_mode():
         raise ValueError("register_operands=True is not supported in Mosaic GPU interpret mode "
                          "(its wgmma reads both operands from shared memory); use False or None")
+    if in_interpret_mode():
+        check_interpret_threads(max(dq_block_q, dkv_block_kv) // WG_ROWS + 1)
     seq_q, seq_k, head_dim = q.shape[1], k.shape[1], q.shape[3]
     segments = segment_ids is not None
-    if segments and is_causal and in_interpret_mode():
-        # jax 0.11.2's interpreter deadlocks on this kernel structure (producer + 2 compute
-        # warpgroups) with segment ids and a causal mask, as on the forward's; the GPU build is
-        # tested in test_compiled_on_gpu_segments_and_d64. See NOTES_attention.md.
-        dq_block_q = BLOCK_MULTIPLE
     if dq_block_kv is None:
         # benchmarks/tune_attention_bwd.py on an H100 (S=16k, d=128): 128 keys per step beat 64
         # by 0-3% in 5 of 6 cells (results/tune_attention_bwd_h100_2026-11-23.json).

@@ -55,8 +55,9 @@ handle ``pl.run_state`` and its wgmma reads both operands from shared memory, he
 ``register_p=False`` path there. The interpreter also requires every thread that waits on a
 barrier to wait on all of its phases: the producer therefore drains the last "consumed" phases,
 and a compute warpgroup with fewer causal steps than its CTA still waits/releases the remaining
-slots. It deadlocks on the 2-compute-warpgroup kernel with segment ids and a causal mask, so
-that combination runs with one compute warpgroup in interpret mode only.
+slots. Each warpgroup runs as its own XLA CPU computation whose barrier waits block a worker of
+XLA's CPU thread pool, so the pool needs a worker per warpgroup plus one (see
+``sm90_pipeline.check_interpret_threads``).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_args,
                                        check_block_sizes, pad_axis, round_up)
-from ccajax.pallas.sm90_pipeline import (KVSteps, in_interpret_mode, kv_flush, kv_producer,
-                                         tile_transforms)
+from ccajax.pallas.sm90_pipeline import (KVSteps, check_interpret_threads, in_interpret_mode,
+                                         kv_flush, kv_producer, tile_transforms)
 
 MAX_BLOCK = 256
 _LN2 = math.log(2.0)
@@ -132,11 +133,8 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
                          "register_p=False or None")
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
-        if is_causal and in_interpret_mode():
-            # jax 0.11.2's interpreter deadlocks (its producer thread never runs) on the
-            # 2-compute-warpgroup kernel with segment_ids and a causal mask; the GPU build of that
-            # configuration is tested in test_compiled_on_gpu. See NOTES_attention.md.
-            compute_wgs = 1
+    if in_interpret_mode():
+        check_interpret_threads(compute_wgs + 1)
     return _attention_fwd(q, k, v, segment_ids, is_causal=is_causal, scale=scale,
                           block_q=block_q, block_kv=block_kv, compute_wgs=compute_wgs,
                           kv_stages=kv_stages, register_p=bool(register_p),

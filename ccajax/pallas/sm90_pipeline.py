@@ -8,6 +8,8 @@ the kv tiles of the CTA's kv head through a ``stages``-slot shared-memory ring.
 
 from __future__ import annotations
 
+import os
+
 import jax.numpy as jnp
 from jax import lax
 from jax._src import config as jax_config
@@ -21,6 +23,23 @@ WG_ROWS = 64
 def in_interpret_mode() -> bool:
     """True under ``plgpu.force_gpu_interpret_mode`` (read when the kernel is traced)."""
     return jax_config.pallas_tpu_interpret_mode_context_manager.value is not None
+
+
+def check_interpret_threads(threads_per_kernel: int) -> None:
+    """Interpret mode runs each warpgroup of a kernel as its own XLA CPU computation, and a
+    warpgroup blocked on a barrier holds a worker of XLA's CPU thread pool while it waits; the
+    calling computation holds one more. With fewer workers than ``threads_per_kernel + 1`` a
+    warpgroup never starts and the others wait for it forever (seen on a 2-core machine, jax
+    0.11.2). The pool has ``$NPROC`` workers if set (read when JAX starts), else one per core.
+    """
+    nproc = os.environ.get("NPROC")
+    workers = int(nproc) if nproc and nproc.isdigit() else len(os.sched_getaffinity(0))
+    if threads_per_kernel > 1 and workers < threads_per_kernel + 1:
+        raise RuntimeError(
+            f"Mosaic GPU interpret mode of this kernel needs {threads_per_kernel + 1} workers in "
+            f"XLA's CPU thread pool (one per warpgroup and one for the caller), but it has "
+            f"{workers} here ({'NPROC' if nproc else 'CPU cores'}); it would deadlock. Set the "
+            f"environment variable NPROC=8 before JAX starts (tests/conftest.py does).")
 
 
 def tile_transforms():
