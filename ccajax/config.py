@@ -109,10 +109,12 @@ class CCAConfig:
 
     @property
     def q_width(self) -> int:
+        """Hq * d, the latent query width (columns of ``wq``)."""
         return self.num_q_heads * self.head_dim
 
     @property
     def kv_width(self) -> int:
+        """Hkv * d, the latent key (and value) width (columns of ``wk``)."""
         return self.num_kv_heads * self.head_dim
 
     @property
@@ -208,6 +210,7 @@ class MLAConfig:
 
     @property
     def qk_head_dim(self) -> int:
+        """Per-head q/k dim: qk_nope_head_dim + qk_rope_head_dim (192 in DeepSeek-V2)."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @classmethod

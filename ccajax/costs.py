@@ -37,10 +37,12 @@ class LayerCost:
 
     @property
     def forward_flops(self) -> float:
+        """Projections + convolutions + attention FLOPs of one forward pass."""
         return self.projection_flops + self.conv_flops + self.attention_flops
 
     @property
     def backward_flops(self) -> float:
+        """2x the forward projections and convolutions + 2.5x the forward attention."""
         return (2 * (self.projection_flops + self.conv_flops)
                 + BACKWARD_ATTENTION_FACTOR * self.attention_flops)
 

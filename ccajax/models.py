@@ -126,6 +126,7 @@ class LMConfig:
 
     @property
     def d_model(self) -> int:
+        """The model width E, the attention config's d_model."""
         return self.attention.d_model
 
 
@@ -139,6 +140,7 @@ class SwiGLU(nnx.Module):
         self.down = nnx.Linear(hidden, d_model, **linear)
 
     def __call__(self, x):
+        """x (..., E) -> (y (..., E) in the compute dtype, aux loss 0.0 float32 scalar)."""
         return self.down(nnx.silu(self.gate(x)) * self.up(x)), jnp.zeros((), jnp.float32)
 
 
@@ -163,6 +165,7 @@ class MoE(nnx.Module):
         self.w_down = nnx.Param(init(rngs.params(), (num_experts, hidden, d_model), param_dtype))
 
     def __call__(self, x):
+        """x (..., E) -> (y (..., E) in the compute dtype, load-balance loss float32 scalar)."""
         tokens = x.reshape(-1, x.shape[-1])  # (T, E)
         probs = jax.nn.softmax(self.router(tokens), axis=-1)  # (T, X) float32
         weights, experts = jax.lax.top_k(probs, self.k)  # (T, k)
@@ -199,6 +202,8 @@ class Block(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x, segment_ids=None):
+        """x (B, S, E), segment_ids (B, S) int or None -> (x' (B, S, E) in the compute dtype,
+        MoE aux loss float32 scalar)."""
         return self.feed_forward(x + self.attn(self.attn_input(x), segment_ids=segment_ids))
 
     def attn_input(self, x):
@@ -220,8 +225,8 @@ class TransformerLM(nnx.Module):
         attention, CCA's convolutions and value shift and RoPE positions restart per segment.
 
     It implements `ccajax.generate`'s decode protocol (``init_decode_state``, ``prefill``,
-    ``decode_step``) with one `ccajax.decode` state per layer: ``ccajax.generate.generate(model,
-    prompt, max_new_tokens=...)``.
+    ``decode_step``) with one `ccajax.decode` state per layer: ``ccajax.generate(model, prompt,
+    max_new_tokens=...)`` (the package attribute is the function, not the module).
     """
 
     def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
@@ -236,6 +241,8 @@ class TransformerLM(nnx.Module):
             cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, tokens, segment_ids=None):
+        """tokens (B, S) int, segment_ids (B, S) int or None -> (logits (B, S, V) float32, MoE aux
+        loss float32 scalar, 0 for a dense MLP)."""
         x = self.embed(tokens)
         block_fn = lambda block, x, seg: block(x, seg)
         policy = REMAT_POLICIES[self.cfg.remat]

@@ -44,6 +44,7 @@ class Compression(ParamGroup):
         self.cfg = cfg
 
     def __call__(self, x):
+        """x (B, S, E) -> latent q (B, S, Hq, d), k (B, S, Hkv, d), in x's dtype."""
         return cca.compress(self.arrays(), x, self.cfg)
 
 
@@ -55,6 +56,8 @@ class ConvMixing(ParamGroup):
         self.cfg = cfg
 
     def __call__(self, q, k, segment_ids=None):
+        """q (B, S, Hq, d), k (B, S, Hkv, d), segment_ids (B, S) int or None -> convolved q, k
+        (same shapes and dtype; `ccajax.cca.conv_mix`)."""
         positions = default_positions(segment_ids, *q.shape[:2])
         return cca.conv_mix(self.arrays(), q, k, self.cfg, positions)
 
@@ -63,6 +66,8 @@ class QKMean(nnx.Module):
     """q (B, S, Hq, d), k (B, S, Hkv, d) -> (mq, mk), the q-k mean (no params)."""
 
     def __call__(self, q, k):
+        """q (B, S, Hq, d), k (B, S, Hkv, d) -> their q-k means, same shapes
+        (`ccajax.cca.qk_mean`)."""
         return cca.qk_mean(q, k)
 
 
@@ -74,6 +79,8 @@ class ValueShift(ParamGroup):
         self.cfg = cfg
 
     def __call__(self, x, segment_ids=None):
+        """x (B, S, E), segment_ids (B, S) int or None -> v (B, S, Hkv, d) from the current and
+        the previous token (`ccajax.cca.value_shift`)."""
         positions = default_positions(segment_ids, *x.shape[:2])
         return cca.value_shift(self.arrays(), x, self.cfg, positions)
 
@@ -86,6 +93,8 @@ class QKNorm(ParamGroup):
         self.cfg = cfg
 
     def __call__(self, q, k):
+        """q (B, S, Hq, d), k (B, S, Hkv, d) -> L2-normalised q, k with the key temperature, in
+        their dtype (`ccajax.cca.qk_normalize`)."""
         return cca.qk_normalize(q, k, self.cfg, self.temp[...])
 
 
@@ -96,6 +105,8 @@ class LatentRoPE(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, q, k, positions):
+        """RoPE on the first rope_fraction * d dims of q (B, S, Hq, d) and k (B, S, Hkv, d) at
+        positions (S,) or (B, S) int (`ccajax.cca.latent_rope`)."""
         return cca.latent_rope(q, k, positions, self.cfg)
 
 
@@ -106,6 +117,7 @@ class OutProjection(ParamGroup):
         super().__init__(cca.init_out(rngs.params(), cfg, param_dtype))
 
     def __call__(self, o):
+        """o (B, S, Hq * d) -> (B, S, E) in the promoted dtype of o and the weight."""
         return o @ self.wo[...]
 
 
