@@ -33,7 +33,8 @@ def check_interpret_threads(threads_per_kernel: int) -> None:
     0.11.2). The pool has ``$NPROC`` workers if set (read when JAX starts), else one per core.
     """
     nproc = os.environ.get("NPROC")
-    workers = int(nproc) if nproc and nproc.isdigit() else len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = int(nproc) if nproc and nproc.isdigit() else cores
     if threads_per_kernel > 1 and workers < threads_per_kernel + 1:
         raise RuntimeError(
             f"Mosaic GPU interpret mode of this kernel needs {threads_per_kernel + 1} workers in "
