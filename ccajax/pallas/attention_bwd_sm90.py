@@ -86,8 +86,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_args,
                                        check_block_sizes, pad_axis, round_up)
 from ccajax.pallas.sm90_pipeline import (WG_ROWS, KVSteps, check_interpret_threads, col_vec,
-                                         in_interpret_mode, kv_flush, kv_producer, matmul,
-                                         matmul_into, row_vec, tile_transforms, zeros_acc)
+                                         in_interpret_mode, kv_flush, matmul, matmul_into,
+                                         ring_producer, row_vec, tile_transforms, zeros_acc)
 
 # Two fp32 (64, d) accumulators plus (64, block) S/dP tiles must fit one warpgroup's registers.
 MAX_BLOCK = 128
@@ -320,8 +320,8 @@ def _dq_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                 plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(step * block_kv, block_kv), kv_head],
                                         v_smem.at[slot], v_barriers.at[slot])
 
-            kv_producer(issue_k=issue_k, issue_v=issue_v, steps=cta_steps, stages=stages,
-                        k_consumed=k_consumed, v_consumed=v_consumed)
+            ring_producer(copies=((issue_k, k_consumed), (issue_v, v_consumed)),
+                          steps=cta_steps, stages=stages)
 
         @pl.when(wg < wgs)
         def _consumer():
@@ -481,20 +481,7 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, head, rows], delta_smem.at[slot],
                                         do_barriers.at[slot])
 
-            for i in range(stages):
-                @pl.when(i < total_steps)
-                def _():
-                    issue(i, i)
-
-            @pl.loop(stages, jnp.maximum(total_steps, stages))
-            def _refill(t):
-                slot = lax.rem(t, jnp.int32(stages))
-                plgpu.barrier_wait(consumed.at[slot])  # step t - stages is done with the slot
-                issue(t, slot)
-
-            @pl.loop(jnp.maximum(total_steps - stages, 0), total_steps)
-            def _drain(t):  # the interpreter wants every phase observed
-                plgpu.barrier_wait(consumed.at[lax.rem(t, jnp.int32(stages))])
+            ring_producer(copies=((issue, consumed),), steps=total_steps, stages=stages)
 
         @pl.when(wg < wgs)
         def _consumer():

@@ -73,8 +73,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_args,
                                        check_block_sizes, pad_axis, round_up)
-from ccajax.pallas.sm90_pipeline import (KVSteps, check_interpret_threads, in_interpret_mode,
-                                         kv_flush, kv_producer, tile_transforms)
+from ccajax.pallas.sm90_pipeline import (KVSteps, check_interpret_threads, full_rows,
+                                         in_interpret_mode, kv_flush, matmul, matmul_into,
+                                         ring_producer, tile_transforms, zeros_acc)
 
 MAX_BLOCK = 256
 _LN2 = math.log(2.0)
@@ -214,8 +215,8 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                 plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot],
                                         v_barriers.at[slot])
 
-            kv_producer(issue_k=issue_k, issue_v=issue_v, steps=cta_steps, stages=stages,
-                        k_consumed=k_consumed, v_consumed=v_consumed)
+            ring_producer(copies=((issue_k, k_consumed), (issue_v, v_consumed)),
+                          steps=cta_steps, stages=stages)
 
         # ----------------------------------------------------------------- consumers --------
         @pl.when(wg < compute_wgs)
@@ -298,27 +299,14 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                     plgpu.barrier_wait(schedule_barrier)  # the tensor cores are ours again
 
                 if register_p:
-                    def pv_matmul(acc_ref):
-                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-                    acc = pl.run_state(pv_matmul)(plgpu.ACC.init(acc))
+                    acc = matmul_into(acc, p16, v_smem.at[slot])
                 else:
-                    def pv_matmul(acc_ref):
-                        plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
-                        return acc_ref[...]
-
-                    acc = acc + pl.run_scoped(pv_matmul,
-                                              plgpu.ACC((wg_rows, head_dim), jnp.float32))
+                    acc = acc + matmul(p_smem.at[wg], v_smem.at[slot], (wg_rows, head_dim))
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 return acc, m_new, l_i
 
-            m_i = plgpu.layout_cast(jnp.full((wg_rows,), -jnp.inf, jnp.float32),
-                                    plgpu.Layout.WGMMA.reduce(1))
-            l_i = plgpu.layout_cast(jnp.full((wg_rows,), 0.0, jnp.float32),
-                                    plgpu.Layout.WGMMA.reduce(1))
-            acc = plgpu.layout_cast(jnp.full((wg_rows, head_dim), 0.0, jnp.float32),
-                                    plgpu.Layout.WGMMA)
-            carry = (acc, m_i, l_i)
+            carry = (zeros_acc((wg_rows, head_dim)), full_rows(wg_rows, -jnp.inf),
+                     full_rows(wg_rows, 0.0))
             carry = lax.fori_loop(0, unmasked_steps, functools.partial(kv_step, masked=False),
                                   carry)
             carry = lax.fori_loop(unmasked_steps, kv_steps,

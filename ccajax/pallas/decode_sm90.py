@@ -46,7 +46,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.pallas.sm90_common import LOG2E, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
-from ccajax.pallas.sm90_pipeline import WG_ROWS, matmul, tile_transforms
+from ccajax.pallas.sm90_pipeline import (WG_ROWS, full_rows, matmul, tile_transforms,
+                                         zeros_acc)
 
 BLOCK_KV_CHOICES = (64, 128)
 NUM_SMS = 132  # H100 SXM; `default_splits` plans waves of one CTA per SM
@@ -197,13 +198,9 @@ def _decode(q, k, v, lengths, *, scale, block_kv, stages, splits):
             pl.when(refill)(lambda: issue_v(step + stages, slot))
             return acc, m_new, l_i
 
-        m_i = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32),
-                                plgpu.Layout.WGMMA.reduce(1))
-        l_i = plgpu.layout_cast(jnp.full((WG_ROWS,), 0.0, jnp.float32),
-                                plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.full((WG_ROWS, head_dim), 0.0, jnp.float32),
-                                plgpu.Layout.WGMMA)
-        acc, m_i, l_i = lax.fori_loop(0, steps, kv_step, (acc, m_i, l_i))
+        acc, m_i, l_i = lax.fori_loop(0, steps, kv_step, (zeros_acc((WG_ROWS, head_dim)),
+                                                          full_rows(WG_ROWS, -jnp.inf),
+                                                          full_rows(WG_ROWS, 0.0)))
 
         # A chunk past the sequence's end has l == 0: output 0 and lse -inf (weight 0 when
         # combined).

@@ -3,7 +3,8 @@ ranges, operand helpers for wgmma. Used inside ``plgpu.kernel`` bodies only.
 
 The forward kernel and the dQ kernel have the same outer structure: one CTA per (query head,
 query block), compute warpgroups of 64 query rows each, and one producer warpgroup that streams
-the kv tiles of the CTA's kv head through a ``stages``-slot shared-memory ring.
+the kv tiles of the CTA's kv head through a ``stages``-slot shared-memory ring
+(``ring_producer``, which the dK/dV kernel also uses for its q-side ring).
 """
 
 from __future__ import annotations
@@ -79,7 +80,13 @@ def matmul_into(acc, a, b_ref):
 
 
 def zeros_acc(shape):
+    """A zero fp32 (rows, cols) register accumulator in WGMMA layout."""
     return plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def full_rows(rows: int, value: float):
+    """A (rows,) fp32 per-row statistic (softmax max or sum) in the WGMMA row layout."""
+    return plgpu.layout_cast(jnp.full((rows,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
 
 
 class KVSteps:
@@ -114,33 +121,34 @@ class KVSteps:
         return steps, jnp.minimum(unmasked, steps)
 
 
-def kv_producer(*, issue_k, issue_v, steps, stages, k_consumed, v_consumed):
-    """Producer warpgroup: fill a ``stages``-slot ring with k and v tiles for ``steps`` steps.
+def ring_producer(*, copies, steps, stages):
+    """Producer warpgroup: fill ``stages``-slot rings for ``steps`` steps.
 
-    ``issue_k(step, slot)`` / ``issue_v(step, slot)`` start the TMA copies of one step. Before a
-    slot is refilled, every compute warpgroup must have arrived on its k (v) consumed barrier.
+    ``copies`` is a sequence of ``(issue, consumed)``: ``issue(step, slot)`` starts the TMA
+    copies of one ring for one step, and before it refills a slot every compute warpgroup must
+    have arrived on ``consumed.at[slot]``. The forward and dQ kernels stream k and v as two rings
+    (released separately); the dK/dV kernel streams its q-side operands as one.
     """
     for i in range(stages):
         @pl.when(i < steps)
         def _():
-            issue_k(i, i)
-            issue_v(i, i)
+            for issue, _ in copies:
+                issue(i, i)
 
     @pl.loop(stages, jnp.maximum(steps, stages))
     def _refill(step):
         slot = lax.rem(step, jnp.int32(stages))
-        plgpu.barrier_wait(k_consumed.at[slot])  # step - stages is done with k
-        issue_k(step, slot)
-        plgpu.barrier_wait(v_consumed.at[slot])
-        issue_v(step, slot)
+        for issue, consumed in copies:
+            plgpu.barrier_wait(consumed.at[slot])  # step - stages is done with the slot
+            issue(step, slot)
 
     # Observe the last consumed phases too: free on the GPU, and the interpreter requires a
     # thread that waits on a barrier to wait on every phase.
     @pl.loop(jnp.maximum(steps - stages, 0), steps)
     def _drain(step):
         slot = lax.rem(step, jnp.int32(stages))
-        plgpu.barrier_wait(k_consumed.at[slot])
-        plgpu.barrier_wait(v_consumed.at[slot])
+        for _, consumed in copies:
+            plgpu.barrier_wait(consumed.at[slot])
 
 
 def kv_flush(first, last, *, stages, k_barriers, v_barriers, k_consumed, v_consumed,
