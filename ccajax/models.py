@@ -40,7 +40,9 @@ def _choice(name: str, value, choices) -> None:
 
 def attention_config(attention: str, *, d_model: int, num_heads: int, head_dim: int,
                      num_kv_heads: int = 1, compression: int = 2, kv_lora_rank: int = 0,
-                     rope_theta: float = 10_000.0, rope_fraction: float = 1.0) -> AttentionConfig:
+                     rope_theta: float = 10_000.0, rope_fraction: float = 1.0,
+                     use_conv: bool = True, use_qk_mean: bool = True, use_value_shift: bool = True,
+                     use_key_temperature: bool = True) -> AttentionConfig:
     """The foundation's config for one of `ATTENTIONS`, sized from MHA-equivalent numbers.
 
     Args:
@@ -53,11 +55,19 @@ def attention_config(attention: str, *, d_model: int, num_heads: int, head_dim: 
       compression: C of cca and ccgqa; must divide num_heads.
       kv_lora_rank: MLA latent rank; 0 = d_model // 4.
       rope_theta, rope_fraction: RoPE base and rotated fraction (MLA rotates its rope dims fully).
+      use_conv, use_qk_mean, use_value_shift, use_key_temperature: CCA's ingredients (ablations;
+        `ccajax.config.CCAConfig`), cca and ccgqa only.
     Raises:
       ValueError naming the field, its value and the valid choices.
     """
     _choice("attention", attention, ATTENTIONS)
     rope = dict(rope_theta=rope_theta, rope_fraction=rope_fraction)
+    ingredients = dict(use_conv=use_conv, use_qk_mean=use_qk_mean, use_value_shift=use_value_shift,
+                       use_key_temperature=use_key_temperature)
+    ablated = [name for name, on in ingredients.items() if not on]
+    if ablated and attention not in ("cca", "ccgqa"):
+        raise ValueError(f"{', '.join(n + '=False' for n in ablated)} only applies to attention "
+                         f"'cca' or 'ccgqa', got attention={attention!r}")
     if attention in ("mha", "gqa", "mqa"):
         kv = {"mha": num_heads, "gqa": num_kv_heads, "mqa": 1}[attention]
         return MHAConfig(d_model, num_heads, kv, head_dim, **rope)
@@ -70,7 +80,7 @@ def attention_config(attention: str, *, d_model: int, num_heads: int, head_dim: 
         raise ValueError(f"compression={compression!r} must divide num_heads={num_heads}; valid: {valid}")
     latent_heads = num_heads // compression
     kv = latent_heads if attention == "cca" else num_kv_heads
-    return CCAConfig(d_model, latent_heads, kv, head_dim, **rope)
+    return CCAConfig(d_model, latent_heads, kv, head_dim, **rope, **ingredients)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@
 
 Every config field can be overridden (``--config.train.steps=200``); configs live in
 ``experiments/configs/``. A run writes into ``config.train.workdir``: ``config.json``,
+``model.json`` (parameters, KV-cache values per token and layer, train FLOPs per step),
 ``metrics.jsonl`` (one JSON object per log/eval line), ``tensorboard/`` and ``checkpoints/`` (orbax,
 periodic async saves of params, optimizer state, step and data position; keep-last-N + keep-best).
 ``--resume`` continues from the newest loadable checkpoint exactly: same batches, same updates,
@@ -34,7 +35,7 @@ from ml_collections import config_flags
 from tensorboard.summary import Writer
 from tqdm import tqdm
 
-from ccajax import models, sharding, training
+from ccajax import costs, models, sharding, training
 from ccajax.checkpoint import Checkpointer
 from experiments import data
 
@@ -58,7 +59,9 @@ def model_config(config, vocab_size: int) -> models.LMConfig:
     attention = _section("model", lambda: models.attention_config(
         m.attention, d_model=m.d_model, num_heads=m.num_heads, head_dim=m.head_dim,
         num_kv_heads=m.num_kv_heads, compression=m.compression, kv_lora_rank=m.kv_lora_rank,
-        rope_theta=m.rope_theta, rope_fraction=m.rope_fraction))
+        rope_theta=m.rope_theta, rope_fraction=m.rope_fraction, use_conv=m.use_conv,
+        use_qk_mean=m.use_qk_mean, use_value_shift=m.use_value_shift,
+        use_key_temperature=m.use_key_temperature))
     return _section("model", lambda: models.LMConfig(
         vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, attention=attention,
         mlp_dim=m.mlp_dim, num_experts=m.num_experts, experts_per_token=m.experts_per_token,
@@ -200,6 +203,10 @@ class Run:
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.flops_per_step = models.train_flops_per_step(self.model_cfg, d.batch_size, d.seq_len)
         (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        (self.workdir / "model.json").write_text(json.dumps({
+            "params": models.param_count(self.model_cfg),
+            "kv_values_per_token_layer": costs.kv_cache_values_per_token(self.model_cfg.attention),
+            "train_flops_per_step": self.flops_per_step}, indent=1))
         self.logger = MetricLogger(self.workdir, self.step if resume else None)
         self.stream = self.batches("train", data_state)
 

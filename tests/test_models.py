@@ -1,5 +1,6 @@
 """The LM: every attention through the foundation's modules, MoE, configs, FLOP accounting."""
 
+import dataclasses
 import functools
 
 import jax
@@ -106,6 +107,23 @@ def test_attention_config_errors():
         models.attention_config("linear", d_model=32, num_heads=4, head_dim=8)
     with pytest.raises(ValueError, match=r"compression=3 must divide num_heads=4; valid: \[1, 2, 4\]"):
         models.attention_config("cca", d_model=32, num_heads=4, head_dim=8, compression=3)
+    with pytest.raises(ValueError, match=r"use_qk_mean=False only applies to attention 'cca' or "
+                                         r"'ccgqa', got attention='gqa'"):
+        models.attention_config("gqa", d_model=32, num_heads=4, head_dim=8, use_qk_mean=False)
+
+
+@pytest.mark.parametrize("ingredient", ["use_conv", "use_qk_mean", "use_value_shift",
+                                        "use_key_temperature"])
+def test_cca_ablations_reach_the_layer_and_train(ingredient):
+    """Each ablation switch lands in the CCA config and the model still trains a step."""
+    att = models.attention_config("ccgqa", d_model=32, num_heads=4, head_dim=8, num_kv_heads=1,
+                                  **{ingredient: False})
+    assert att == dataclasses.replace(CCAConfig(32, 2, 1, 8), **{ingredient: False})
+    cfg = models.LMConfig(vocab_size=64, num_layers=1, attention=att, mlp_dim=32, dtype="float32")
+    model = models.TransformerLM(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 64
+    grads = nnx.grad(lambda m: m(tokens)[0].mean())(model)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
 def test_decode_protocol_matches_full_forward():

@@ -22,6 +22,10 @@ def defaults() -> ml_collections.ConfigDict:
         kv_lora_rank=0,             # mla latent rank; 0: d_model / 4
         rope_theta=10_000.0,
         rope_fraction=1.0,
+        use_conv=True,              # cca / ccgqa ingredients (ablations): causal q/k convolution,
+        use_qk_mean=True,           #   the q-k mean, the value shift (half the value heads from
+        use_value_shift=True,       #   the previous token) and the learned key temperature
+        use_key_temperature=True,
         mlp_dim=1536,               # SwiGLU hidden width (per expert with MoE)
         num_experts=0,              # 0: dense MLP; >= 2: top-k MoE
         experts_per_token=2,
