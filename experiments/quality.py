@@ -150,6 +150,11 @@ def train_runs(runs: list[str], out: Path, workers: int, budget_s: float, run_s:
                 "metrics": rows, **_model_facts(workdir)}
             print(f"[quality] end {run}: {summary[run]['status']}, val "
                   f"{summary[run]['final_val_loss']}, {wall:.0f} s", flush=True)
+            _write_summary(out, workers, start, summary)  # a killed campaign keeps what ended
+    return _write_summary(out, workers, start, summary)
+
+
+def _write_summary(out: Path, workers: int, start: float, summary: dict) -> dict:
     result = {"config": CONFIG, "workers": workers, "elapsed_s": time.monotonic() - start,
               "device": _device(), "date": time.strftime("%Y-%m-%d"), "runs": summary}
     (out / "summary.json").write_text(json.dumps(result, indent=1))

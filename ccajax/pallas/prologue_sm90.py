@@ -16,16 +16,19 @@ Shapes
 Kernel layout
 -------------
 * Grid ``(Hq + Hkv, S / 64, B)``, one warpgroup per CTA, one output head and 64 rows each.
-* TMA copies into shared memory: the head's rows [s0-8, s0+64) into one untiled buffer (block 0
-  copies rows [0, 8) as its "halo", which only rows masked below read), the q-k mean partners (a
-  q head reads its k head G times, a k head its G q heads, so both sum G tiles and divide by G),
-  the two conv1 taps of the head, the rotate-half matrix, the head's per-channel vectors and the
-  rows' positions. Tiled (swizzled) tiles are only filled from tile-aligned rows: Mosaic's layout
-  inference rejects a TMA into a tiled tile from a row offset it cannot prove a multiple of 8.
-* Registers (WGMMA layout, float32): the lags are loads of the untiled buffer at row offsets 8,
-  7, 6, masked by ``segment_positions >= lag`` (zero before the segment start); conv0 at t and
-  t-1 (c0[t-1] = b0 at a segment start, the spec's bias semantics), stored as bf16 into two
-  swizzled operand tiles, then conv1 = two wgmmas. y = c1 + b1 + mean.
+* TMA copies into shared memory: the head's rows t - lag for lag 0, 1, 2 into three untiled
+  buffers (block 0 copies rows [0, 64 - lag) to buffer rows [lag, 64); the rows before stay
+  unwritten and are masked below), the q-k mean partners through two slots (a q head reads its k
+  head G times, a k head its G q heads, so both sum G tiles and divide by G), the two conv1 taps
+  of the head, the rotate-half matrix, the head's per-channel vectors and the rows' positions.
+  Tiled (swizzled) tiles are only filled from tile-aligned rows: Mosaic's layout inference rejects
+  a TMA into a tiled tile from a row offset it cannot prove a multiple of 8. Shifted rows are
+  shifted by the copy, not by the load: WGMMA-layout loads of an untiled buffer at row offsets 7
+  and 6 passed interpret mode but gave wrong rows on the H100 (2026-11-23).
+* Registers (WGMMA layout, float32): the lags, masked by ``segment_positions >= lag`` (zero
+  before the segment start); conv0 at t and t-1 (c0[t-1] = b0 at a segment start, the spec's
+  bias semantics), stored as bf16 into two swizzled operand tiles, then conv1 = two wgmmas.
+  y = c1 + b1 + mean.
 * RoPE needs y with its halves swapped: y is split as bf16 hi + lo (exact to ~2^-16) and
   multiplied by the signed permutation matrix on the tensor cores (two more wgmmas), since wgmma
   operands (not register shuffles) are what the interpreter and the GPU both take. cos/sin are
@@ -47,8 +50,8 @@ from ccajax.config import CCAConfig, rotary_dims
 from ccajax.pallas.sm90_common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, pad_axis, round_up
 
 BLOCK_ROWS = 64  # one warpgroup's wgmma tile
-HALO = 8  # rows before the block copied with it (2 are read; 8 keeps the copy aligned)
-MAX_GROUP = 4  # G partner tiles must fit in shared memory next to the rest
+LAGS = 3  # conv0 at t and t-1 reads rows t, t-1, t-2
+PARTNER_SLOTS = 2  # q-k mean partner tiles in flight (G of them pass through)
 _VEC_ROWS = 8  # per-head vectors: w0 older tap, w0 current tap, b0, b1, out scale, inv_freq
 
 
@@ -61,8 +64,6 @@ def unsupported_reason(cfg: CCAConfig, dtype) -> str | None:
     if not cfg.use_conv or cfg.conv_kernel_sizes != (2, 2):
         return (f"conv {cfg.use_conv} {cfg.conv_kernel_sizes} "
                 "(the kernel does the (2, 2) convolution)")
-    if cfg.group_size > MAX_GROUP:
-        return f"group size {cfg.group_size} > {MAX_GROUP}"
     return None
 
 
@@ -121,9 +122,11 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig):
     w1 = conv["w1"].astype(dtype)
     rot = rotate_half_matrix(d, rotary, dtype)
 
+    slots = min(group, PARTNER_SLOTS)
+
     def kernel(p_ref, pos_ref, segpos_ref, vec_ref, w1_ref, rot_ref, q_ref, k_ref, *,
-               u_smem, op_smem, part_smem, w1_smem, rot_smem, vec_smem, pos_smem, segpos_smem,
-               u_barrier, part_barriers, const_barrier):
+               lag_smem, op_smem, part_smem, w1_smem, rot_smem, vec_smem, pos_smem, segpos_smem,
+               lag_barrier, part_barriers, const_barrier):
         h = lax.axis_index("heads")
         block = lax.axis_index("rows")
         b = lax.axis_index("batch")
@@ -138,20 +141,31 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig):
         plgpu.copy_gmem_to_smem(pos_ref.at[b, pl.ds(s0, rows)], pos_smem, const_barrier)
         plgpu.copy_gmem_to_smem(segpos_ref.at[b, pl.ds(s0, rows)], segpos_smem, const_barrier)
 
-        # The head's rows [s0 - HALO, s0 + rows) into one untiled buffer; block 0 copies rows
-        # [0, HALO) as its halo instead, which only rows masked below (t < lag) ever read.
-        plgpu.copy_gmem_to_smem(p_ref.at[b, pl.ds(jnp.maximum(s0 - HALO, 0), HALO), h],
-                                u_smem.at[pl.ds(0, HALO)], u_barrier)
-        plgpu.copy_gmem_to_smem(p_ref.at[b, pl.ds(s0, rows), h], u_smem.at[pl.ds(HALO, rows)],
-                                u_barrier)
+        # lag_smem[lag][t] = p[s0 + t - lag]; block 0 has no rows before it, so its copies
+        # start at buffer row `lag` and rows t < lag stay unwritten (masked below).
+        plgpu.copy_gmem_to_smem(p_ref.at[b, pl.ds(s0, rows), h], lag_smem.at[0], lag_barrier)
+        for lag in range(1, LAGS):
+            @pl.when(block == 0)
+            def _():
+                plgpu.copy_gmem_to_smem(p_ref.at[b, pl.ds(0, rows - lag), h],
+                                        lag_smem.at[lag, pl.ds(lag, rows - lag)], lag_barrier)
+
+            @pl.when(block > 0)
+            def _():
+                plgpu.copy_gmem_to_smem(p_ref.at[b, pl.ds(s0 - lag, rows), h], lag_smem.at[lag],
+                                        lag_barrier)
+
+        # A q head's partner is its k head (read G times); a k head's are its G q heads.
+        k_head = hq + lax.div(h, jnp.int32(group))
+
+        def copy_partner(g):
+            src = jnp.where(is_q, k_head, (h - hq) * group + g)
+            plgpu.copy_gmem_to_smem(p_ref.at[b, pl.ds(s0, rows), src], part_smem.at[g % slots],
+                                    part_barriers.at[g % slots])
 
         if cfg.use_qk_mean:
-            # A q head's partner is its k head (read G times); a k head's are its G q heads.
-            k_head = hq + lax.div(h, jnp.int32(group))
-            for g in range(group):
-                src = jnp.where(is_q, k_head, (h - hq) * group + g)
-                plgpu.copy_gmem_to_smem(p_ref.at[b, pl.ds(s0, rows), src], part_smem.at[g],
-                                        part_barriers.at[g])
+            for g in range(slots):
+                copy_partner(g)
 
         # --- conv0 at t and t-1 in registers -----------------------------------------------
         wgmma_layout = plgpu.Layout.WGMMA
@@ -166,14 +180,12 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig):
             return lax.broadcast_in_dim(v, shape, [0])
 
         segpos = per_row(plgpu.load(segpos_smem, layout=wgmma_layout.reduce(1)))
-        plgpu.barrier_wait(u_barrier)
+        plgpu.barrier_wait(lag_barrier)
         lags = []
-        for lag in range(3):
-            # Row-shifted views of the untiled buffer (a swizzled tile cannot be read at an odd
-            # row offset, and TMA into tiles needs tile-aligned source rows).
-            u = plgpu.load(u_smem.at[pl.ds(HALO - lag, rows)],
-                           layout=wgmma_layout).astype(jnp.float32)
-            # u[t - lag] exists only inside t's segment (zero before it, as the spec pads).
+        for lag in range(LAGS):
+            u = plgpu.load(lag_smem.at[lag], layout=wgmma_layout).astype(jnp.float32)
+            # u[t - lag] exists only inside t's segment (zero before it, as the spec pads); a
+            # select, so block 0's unwritten rows (any bits) never reach the result.
             lags.append(u if lag == 0 else jnp.where(segpos >= lag, u, 0.0))
         w_old, w_cur, b0 = column(0), column(1), column(2)
         c0_prev = b0 + w_cur * lags[1] + w_old * lags[2]  # conv0 at t-1; b0 at a segment start
@@ -182,9 +194,12 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig):
         if cfg.use_qk_mean:
             partners = 0.0
             for g in range(group):
-                plgpu.barrier_wait(part_barriers.at[g])
-                partners = partners + plgpu.load(part_smem.at[g],
+                plgpu.barrier_wait(part_barriers.at[g % slots])
+                partners = partners + plgpu.load(part_smem.at[g % slots],
                                                  layout=wgmma_layout).astype(jnp.float32)
+                if g + slots < group:
+                    plgpu.commit_smem()  # warpgroup barrier: every thread has read the slot
+                    copy_partner(g + slots)
             mean = 0.5 * (lags[0] + partners * (1.0 / group))
         op_smem.at[0][...] = c0_prev.astype(dtype)
         op_smem.at[1][...] = c0_cur.astype(dtype)
@@ -236,16 +251,16 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig):
     swizzle = min(128, d * 2)
     transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
     scratch = dict(
-        u_smem=plgpu.SMEM((HALO + rows, d), dtype),
+        lag_smem=plgpu.SMEM((LAGS, rows, d), dtype),
         op_smem=plgpu.SMEM((2, rows, d), dtype, transforms=transforms),
-        part_smem=plgpu.SMEM((group, rows, d), dtype, transforms=transforms),
+        part_smem=plgpu.SMEM((slots, rows, d), dtype, transforms=transforms),
         w1_smem=plgpu.SMEM((2, d, d), dtype, transforms=transforms),
         rot_smem=plgpu.SMEM((d, d), dtype, transforms=transforms),
         vec_smem=plgpu.SMEM((_VEC_ROWS, d), jnp.float32),
         pos_smem=plgpu.SMEM((rows,), jnp.int32),
         segpos_smem=plgpu.SMEM((rows,), jnp.int32),
-        u_barrier=plgpu.Barrier(num_arrivals=2),  # halo + main rows
-        part_barriers=plgpu.Barrier(num_barriers=group),
+        lag_barrier=plgpu.Barrier(num_arrivals=LAGS),
+        part_barriers=plgpu.Barrier(num_barriers=slots),
         const_barrier=plgpu.Barrier(num_arrivals=6),  # 2 conv1 taps, R, vectors, ids
     )
     q, k = plgpu.kernel(
