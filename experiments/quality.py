@@ -188,7 +188,7 @@ def merge(paths) -> dict:
 def table(runs: dict) -> str:
     """Markdown table: one row per RUNS name, the seeds' mean ± half-range of final val loss."""
     lines = ["| attention | KV vs MHA | params | KV values/token/layer | seeds | final val loss "
-             "(nats/byte) | vs MHA | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+             "(nats/byte) | vs MHA | tokens/s (indicative) |", "|---|---|---|---|---|---|---|---|"]
     by_name = {}
     for run, e in runs.items():
         if e.get("status") == "ok":
@@ -198,7 +198,7 @@ def table(runs: dict) -> str:
     for name in RUNS:
         if name not in by_name:
             continue
-        es = by_name[name]
+        es = sorted(by_name[name], key=lambda e: e["seed"])
         losses = [e["final_val_loss"] for e in es]
         mean = sum(losses) / len(losses)
         spread = f" ± {(max(losses) - min(losses)) / 2:.4f}" if len(losses) > 1 else ""
@@ -223,13 +223,13 @@ def plot(runs: dict, path: str, tokens_per_step: int) -> None:
     styles = ["-", "--", ":", "-."]
     for ax, only in ((axes[0], None), (axes[1], HEADLINE)):
         for run, e in sorted(runs.items()):
-            if e.get("status") != "ok" or (only and e["name"] not in only):
+            if e.get("status") != "ok" or (e["name"] not in only if only else e["seed"] != 0):
                 continue
             val = [r for r in e["metrics"] if "val_loss" in r]
             ax.plot([r["step"] * tokens_per_step / 1e6 for r in val], [r["val_loss"] for r in val],
                     styles[e["seed"] % 4] if only else ("--" if "_" in e["name"] else "-"),
                     color=colors[e["name"]], marker="o", markersize=2,
-                    label=f"{e['label']} (seed {e['seed']})" if only else e["label"] if e["seed"] == 0 else None)
+                    label=f"{e['label']} (seed {e['seed']})" if only else e["label"])
         ax.set(xlabel="training tokens (M)", ylabel="validation loss (nats/byte)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
