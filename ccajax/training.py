@@ -147,9 +147,20 @@ def jit_steps(graphdef, shardings, mesh, *, z_loss: float = 0.0, moe_aux_weight:
     """`train_step` (donating the state) and `eval_step`, jitted with the state's and the batch's
     shardings. Returns (train_step(state, batch), eval_step(state, batch))."""
     batch = sharding.batch_sharding(mesh)
-    train = jax.jit(functools.partial(train_step, graphdef, z_loss=z_loss,
-                                      moe_aux_weight=moe_aux_weight),
+
+    def in_mesh(step):
+        # Traced with the mesh in context, so Pallas kernels run per device on the batch
+        # (`ccajax.pallas.attention`) instead of replicated.
+        @functools.wraps(step)
+        def traced(*args, **kwargs):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return step(*args, **kwargs)
+        return traced
+
+    train = jax.jit(in_mesh(functools.partial(train_step, graphdef, z_loss=z_loss,
+                                              moe_aux_weight=moe_aux_weight)),
                     in_shardings=(shardings, batch), out_shardings=(shardings, None),
                     donate_argnums=0)
-    evaluate = jax.jit(functools.partial(eval_step, graphdef), in_shardings=(shardings, batch))
+    evaluate = jax.jit(in_mesh(functools.partial(eval_step, graphdef)),
+                       in_shardings=(shardings, batch))
     return train, evaluate

@@ -1,4 +1,5 @@
-"""SPMD: a train step on a (data=2, fsdp=2) mesh of 4 CPU devices equals the single-device step."""
+"""SPMD on a (data=2, fsdp=2) mesh of 4 CPU devices: a train step equals the single-device step,
+and the Pallas attention kernels run per device on the batch rather than replicated."""
 
 import subprocess
 import sys
@@ -56,4 +57,71 @@ def test_sharded_step_equals_single_device_step():
                             + " --xla_force_host_platform_device_count=4"}
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+KERNEL_SCRIPT = r"""
+import warnings
+import jax, jax.numpy as jnp, numpy as np
+import ccajax.pallas.attention as pallas_attention
+from ccajax import models, sharding, training
+from ccajax.attention import dot_product_attention, reference_attention
+
+# The kernel itself is replaced by the reference (the CPU interpreter of Mosaic GPU kernels cannot
+# run on two CPU devices at once); what is checked is the batch each call of it sees.
+seen = []
+def kernel_stand_in(q, k, v, segment_ids, is_causal, scale, interpret):
+    seen.append(q.shape[0])
+    return reference_attention(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids)
+pallas_attention._attention = kernel_stand_in
+
+rng = np.random.default_rng(0)
+q = jnp.asarray(rng.normal(size=(8, 16, 4, 64)), jnp.float32)
+k, v = (jnp.asarray(rng.normal(size=(8, 16, 2, 64)), jnp.float32) for _ in range(2))
+seg = jnp.asarray(np.repeat([[1] * 5 + [2] * 11], 8, 0), jnp.int32)
+def loss(q, k, v, seg):
+    out = dot_product_attention(q, k, v, is_causal=True, segment_ids=seg, implementation="mosaic")
+    return (out * jnp.arange(64.0)).sum()
+grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
+want = grads(q, k, v, seg)
+assert seen == [8], seen  # no mesh: the whole batch
+mesh = sharding.make_mesh(data=2, fsdp=2)
+seen.clear()
+with jax.set_mesh(mesh):
+    got = grads(q, k, v, seg)
+assert seen == [2], seen  # 8 rows over 4 devices
+for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+seen.clear()
+with jax.set_mesh(mesh), warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    jax.jit(loss)(q[:6], k[:6], v[:6], seg[:6])
+assert seen == [6], seen
+assert "batch 6 is not a multiple of the 4 devices" in str(caught[0].message), caught
+
+# Training traces under its mesh: the kernel sees each device's rows.
+att = models.attention_config("ccgqa", d_model=128, num_heads=4, head_dim=64, num_kv_heads=1)
+cfg = models.LMConfig(vocab_size=64, num_layers=1, attention=att, mlp_dim=64, dtype="float32",
+                      attention_implementation="mosaic")
+tx = training.make_optimizer(training.OptimizerConfig(learning_rate=1e-2, warmup_steps=1,
+                                                      total_steps=10))
+tokens = rng.integers(0, 64, (8, 17)).astype(np.int32)
+batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+         "loss_mask": np.ones((8, 16), np.float32), "segment_ids": np.ones((8, 16), np.int32)}
+graphdef, _, shardings = training.abstract_train_state(cfg, tx, mesh)
+state = training.init_train_state(cfg, tx, 0, shardings)
+step, _ = training.jit_steps(graphdef, shardings, mesh)
+seen.clear()
+step(state, sharding.shard_batch(batch, sharding.batch_sharding(mesh)))
+assert seen == [2], seen
+print("OK")
+"""
+
+
+def test_pallas_attention_runs_per_device_under_a_mesh():
+    env = SUBPROCESS_ENV | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": SUBPROCESS_ENV["XLA_FLAGS"]
+                            + " --xla_force_host_platform_device_count=4"}
+    out = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
