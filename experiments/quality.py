@@ -27,17 +27,24 @@ from pathlib import Path
 
 from absl import app, flags
 
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "report"], "Train runs, or report on them.")
-_RUNS = flags.DEFINE_list("runs", [], "RUNS names, optionally @seed (mha@1); in priority order.")
-_OUT = flags.DEFINE_string("out", "runs/quality", "Train: directory of the run workdirs and "
-                           "summary.json.")
-_WORKERS = flags.DEFINE_integer("workers", 2, "Train: runs sharing the GPU at once.")
-_BUDGET_S = flags.DEFINE_float("budget_s", 1e9, "Train: start no run that would end after this.")
-_RUN_S = flags.DEFINE_float("run_s", 120.0, "Train: expected seconds of one run, until one ends.")
-_OVERRIDES = flags.DEFINE_multi_string("override", [], "Train: an extra --config.* flag for every "
-                                       "run, repeatable (e.g. config.data.cache_dir=.data).")
-_SUMMARIES = flags.DEFINE_list("summaries", [], "Report: summary.json files; later ones win.")
-_PLOT = flags.DEFINE_string("plot", "", "Report: PNG of validation loss vs training tokens.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags; defined only when run as a script, so importing this module
+    (tests, notebooks) never clashes with another module's flag of the same name."""
+    flags.DEFINE_enum("mode", "train", ["train", "report"], "Train runs, or report on them.")
+    flags.DEFINE_list("runs", [], "RUNS names, optionally @seed (mha@1); in priority order.")
+    flags.DEFINE_string("out", "runs/quality", "Train: directory of the run workdirs and "
+                        "summary.json.")
+    flags.DEFINE_integer("workers", 2, "Train: runs sharing the GPU at once.")
+    flags.DEFINE_float("budget_s", 1e9, "Train: start no run that would end after this.")
+    flags.DEFINE_float("run_s", 120.0, "Train: expected seconds of one run, until one ends.")
+    flags.DEFINE_multi_string("override", [], "Train: an extra --config.* flag for every run, "
+                              "repeatable (e.g. config.data.cache_dir=.data).")
+    flags.DEFINE_list("summaries", [], "Report: summary.json files; later ones win.")
+    flags.DEFINE_string("plot", "", "Report: PNG of validation loss vs training tokens.")
+
 
 CONFIG = "experiments/configs/quality.py"
 HEADLINE = ("mha", "ccgqa8")
@@ -246,26 +253,26 @@ def plot(runs: dict, path: str, tokens_per_step: int) -> None:
 
 def main(argv):
     del argv
-    if _MODE.value == "train":
-        if not _RUNS.value:
+    if FLAGS.mode == "train":
+        if not FLAGS.runs:
             raise app.UsageError(f"--runs: name one or more of {', '.join(RUNS)}")
-        for run in _RUNS.value:
+        for run in FLAGS.runs:
             parse_run(run)
-        train_runs(_RUNS.value, Path(_OUT.value), _WORKERS.value, _BUDGET_S.value, _RUN_S.value,
-                   _OVERRIDES.value)
+        train_runs(FLAGS.runs, Path(FLAGS.out), FLAGS.workers, FLAGS.budget_s, FLAGS.run_s,
+                   FLAGS.override)
         return
-    if not _SUMMARIES.value:
+    if not FLAGS.summaries:
         raise app.UsageError("--summaries: give one or more summary.json files")
     from experiments.configs import quality
 
     c = quality.get_config()
-    tokens_per_step = c.data.batch_size * c.data.seq_len
-    runs = merge(_SUMMARIES.value)
+    runs = merge(FLAGS.summaries)
     print(table(runs))
-    if _PLOT.value:
-        plot(runs, _PLOT.value, tokens_per_step)
-        print(f"wrote {_PLOT.value}")
+    if FLAGS.plot:
+        plot(runs, FLAGS.plot, c.data.batch_size * c.data.seq_len)
+        print(f"wrote {FLAGS.plot}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
