@@ -1,5 +1,5 @@
 """SPMD on a (data=2, fsdp=2) mesh of 4 CPU devices: a train step equals the single-device step,
-and the Pallas attention kernels run per device on the batch rather than replicated."""
+and the Pallas attention and decode kernels run per device on the batch rather than replicated."""
 
 import subprocess
 import sys
@@ -115,11 +115,29 @@ step, _ = training.jit_steps(graphdef, shardings, mesh)
 seen.clear()
 step(state, sharding.shard_batch(batch, sharding.batch_sharding(mesh)))
 assert seen == [2], seen
+
+# The decode kernel likewise.
+import ccajax.pallas.decode_sm90 as decode_sm90
+from ccajax.pallas.decode import decode_attention, decode_attention_reference
+def decode_stand_in(q, k, v, lengths, *, scale, block_kv):
+    seen.append(q.shape[0])
+    return decode_attention_reference(q, k, v, lengths, scale=scale)
+decode_sm90.decode_attention_sm90 = decode_stand_in
+q1 = jnp.asarray(rng.normal(size=(8, 4, 64)), jnp.bfloat16)
+cache = jnp.asarray(rng.normal(size=(8, 128, 2, 64)), jnp.bfloat16)
+lengths = jnp.arange(8, dtype=jnp.int32) * 16 + 1
+step1 = jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, implementation="mosaic"))
+seen.clear()
+with jax.set_mesh(mesh):
+    got = step1(q1, cache, cache, lengths)
+assert seen == [2], seen
+want = decode_attention_reference(q1, cache, cache, lengths)
+np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 print("OK")
 """
 
 
-def test_pallas_attention_runs_per_device_under_a_mesh():
+def test_pallas_kernels_run_per_device_under_a_mesh():
     env = SUBPROCESS_ENV | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": SUBPROCESS_ENV["XLA_FLAGS"]
                             + " --xla_force_host_platform_device_count=4"}
     out = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT], cwd=ROOT, env=env,

@@ -3,26 +3,20 @@
 Forward: the sm90 flash-attention kernel (`attention_fwd_sm90`), which also returns the
 log-sum-exp. Backward: the sm90 dq and dk/dv kernels (`attention_bwd_sm90`) from the saved q, k,
 v, out and log-sum-exp; the GQA reduction of dk/dv happens inside the kernel.
-
-SPMD: a Pallas kernel has no partitioning rule, so under `jax.jit` on a mesh XLA would gather the
-batch and run the kernel replicated on every device. When a mesh is in context (`jax.set_mesh`,
-as `ccajax.training.jit_steps` traces), the kernels run under `jax.shard_map` over the batch
-instead: each device attends over its own rows, with no communication.
+Under a mesh the kernels run per device over the batch (`sm90_common.over_batch`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
-import warnings
 
 import jax
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from jax.sharding import AxisType, PartitionSpec
 
 from ccajax.pallas.attention_bwd_sm90 import attention_bwd
 from ccajax.pallas.attention_fwd_sm90 import attention_fwd
+from ccajax.pallas.sm90_common import over_batch
 
 
 def mosaic_attention(q, k, v, *, is_causal: bool = False, scale: float | None = None,
@@ -39,37 +33,8 @@ def mosaic_attention(q, k, v, *, is_causal: bool = False, scale: float | None = 
     Returns:
       (B, Sq, Hq, d) in q's dtype; rows with no allowed key are 0 (with zero gradients).
     """
-    axes = batch_axes(q.shape[0])
-    if not axes:
-        return _attention(q, k, v, segment_ids, is_causal, scale, interpret)
-    spec = PartitionSpec(axes)
-    if segment_ids is None:
-        per_device = lambda q, k, v: _attention(q, k, v, None, is_causal, scale, interpret)
-        args = (q, k, v)
-    else:
-        per_device = lambda q, k, v, s: _attention(q, k, v, s, is_causal, scale, interpret)
-        args = (q, k, v, segment_ids)
-    return jax.shard_map(per_device, mesh=jax.sharding.get_abstract_mesh(),
-                         in_specs=(spec,) * len(args), out_specs=spec,
-                         axis_names=frozenset(axes))(*args)
-
-
-def batch_axes(batch: int) -> tuple[str, ...]:
-    """The automatic axes (size > 1) of the mesh in context that the kernels split the batch over;
-    () without a mesh, inside a shard_map over all of them, or when they do not divide the batch
-    (then the kernel runs replicated, with a warning, as XLA would run it)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return ()
-    axes = tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
-                 if kind == AxisType.Auto and mesh.shape[name] > 1)
-    size = math.prod(mesh.shape[name] for name in axes)
-    if axes and batch % size:
-        warnings.warn(f"mosaic attention: batch {batch} is not a multiple of the {size} devices "
-                      f"of mesh axes {axes}; the kernel runs on the whole batch on every device",
-                      stacklevel=3)
-        return ()
-    return axes
+    return over_batch(lambda q, k, v, s: _attention(q, k, v, s, is_causal, scale, interpret),
+                      q, k, v, segment_ids)
 
 
 def _interpreted(interpret: bool):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ccajax.pallas.sm90_common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from ccajax.pallas.sm90_common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, over_batch
 from ccajax.rope import stats_dtype
 
 IMPLEMENTATIONS = ("xla", "mosaic")
@@ -99,10 +99,12 @@ def decode_attention(q, k, v, lengths, *, scale: float | None = None,
                 f"implementation='mosaic' needs bf16/fp16 q, k, v, d == dv in {SUPPORTED_HEAD_DIMS}, "
                 f"a cache length T that is a multiple of 64 and Hq/Hkv <= 64; got q {q.shape} "
                 f"{q.dtype}, k {k.shape} {k.dtype}, v {v.shape}; use implementation='xla'")
-        from ccajax.pallas.decode_sm90 import decode_attention_sm90  # loads Mosaic GPU lazily
+        from ccajax.pallas import decode_sm90  # loads Mosaic GPU lazily
+        kernel = lambda q, k, v, lengths: decode_sm90.decode_attention_sm90(
+            q, k, v, lengths, scale=scale, block_kv=block_kv)
         if not interpret:
-            return decode_attention_sm90(q, k, v, lengths, scale=scale, block_kv=block_kv)
+            return over_batch(kernel, q, k, v, lengths)  # per device under a mesh
         from jax.experimental.pallas import mosaic_gpu as plgpu
         with plgpu.force_gpu_interpret_mode():
-            return decode_attention_sm90(q, k, v, lengths, scale=scale, block_kv=block_kv)
+            return kernel(q, k, v, lengths)
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")

@@ -1,10 +1,14 @@
-"""What the sm90 attention kernels share: supported inputs, argument checks, padding helpers."""
+"""What the sm90 attention kernels share: supported inputs, argument checks, padding helpers, and
+running a kernel per device over the batch under a mesh."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -12,6 +16,50 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 # 128-byte swizzle span; block sizes must therefore be multiples of 64.
 BLOCK_MULTIPLE = 64
 LOG2E = math.log2(math.e)
+
+
+def batch_axes(batch: int) -> tuple[str, ...]:
+    """The automatic axes (size > 1) of the mesh in context that a kernel splits the batch over;
+    () without a mesh, inside a shard_map over all of them, or when they do not divide the batch
+    (then the kernel runs replicated, with a warning, as XLA would run it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    axes = tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                 if kind == AxisType.Auto and mesh.shape[name] > 1)
+    size = math.prod(mesh.shape[name] for name in axes)
+    if axes and batch % size:
+        warnings.warn(f"Pallas kernel: batch {batch} is not a multiple of the {size} devices of "
+                      f"mesh axes {axes}; the kernel runs on the whole batch on every device",
+                      stacklevel=4)
+        return ()
+    return axes
+
+
+def over_batch(kernel, *args):
+    """``kernel(*args)``, each arg batch-first, per device under the mesh in context.
+
+    A Pallas kernel has no SPMD partitioning rule: under `jax.jit` on a mesh, XLA would gather
+    the batch and run it replicated on every device. With a mesh in context (`jax.set_mesh`, as
+    `ccajax.training.jit_steps` traces), it runs under `jax.shard_map` over the batch instead:
+    each device on its own rows, with no communication. Without one (or on one device) this is
+    ``kernel(*args)``. None args pass through.
+    """
+    axes = batch_axes(next(a for a in args if a is not None).shape[0])
+    if not axes:
+        return kernel(*args)
+    given = [i for i, a in enumerate(args) if a is not None]
+
+    def per_device(*local):
+        full = list(args)
+        for i, a in zip(given, local):
+            full[i] = a
+        return kernel(*full)
+
+    spec = PartitionSpec(axes)
+    return jax.shard_map(per_device, mesh=jax.sharding.get_abstract_mesh(),
+                         in_specs=(spec,) * len(given), out_specs=spec,
+                         axis_names=frozenset(axes))(*(args[i] for i in given))
 
 
 def round_up(x: int, m: int) -> int:
