@@ -1,6 +1,6 @@
 """The quality comparison: every attention of `RUNS` trained the same way, then one table + figure.
 
-    # train (GPU): the named runs, two at a time on one GPU, none started past the time budget
+    # train (GPU): the named runs in order, none started past the time budget
     python -m experiments.quality --mode=train --runs=mha,ccgqa8,mha@1,ccgqa8@1 --out=/tmp/q
     # report: merge summaries, print the markdown table, draw the loss-vs-tokens figure
     python -m experiments.quality --mode=report --summaries=a.json,b.json --plot=quality.png
@@ -37,7 +37,8 @@ def define_flags() -> None:
     flags.DEFINE_list("runs", [], "RUNS names, optionally @seed (mha@1); in priority order.")
     flags.DEFINE_string("out", "runs/quality", "Train: directory of the run workdirs and "
                         "summary.json.")
-    flags.DEFINE_integer("workers", 2, "Train: runs sharing the GPU at once.")
+    flags.DEFINE_integer("workers", 1, "Train: runs sharing the GPU at once (3 sharing an H100 "
+                         "ran at 2-4% MFU each, see experiments/RESULTS.md).")
     flags.DEFINE_float("budget_s", 1e9, "Train: start no run that would end after this.")
     flags.DEFINE_float("run_s", 120.0, "Train: expected seconds of one run, until one ends.")
     flags.DEFINE_multi_string("override", [], "Train: an extra --config.* flag for every run, "
