@@ -12,8 +12,9 @@ depth, MLP, optimizer, steps and tokens. `small`'s MHA baseline has 8 heads of 6
 4x / 8x KV compression), MLA at 4x / 8x -> latent rank 224 / 96 (+ 32 RoPE dims cached).
 
 ``--mode=train`` writes ``summary.json`` into ``--out``: per run its config overrides, its
-``model.json`` (parameters, KV values per token and layer), wall time, the metrics rows of its ``metrics.jsonl`` and the final
-validation loss. Runs that share the GPU (``--workers`` > 1) report indicative tokens/s only.
+``model.json`` (parameters, KV values per token and layer), wall time, the rows of its
+``metrics.jsonl`` and the final validation loss. Runs that share the GPU (``--workers`` > 1)
+report indicative tokens/s only.
 """
 
 from __future__ import annotations
@@ -106,20 +107,23 @@ def _model_facts(workdir: Path) -> dict:
 
 def read_metrics(workdir: Path) -> list[dict]:
     path = workdir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def train_runs(runs: list[str], out: Path, workers: int, budget_s: float, run_s: float,
                extra: list[str]) -> dict:
     """Runs `runs` as `experiments.train` subprocesses, ``workers`` at a time, in order; a run
-    is only started when the time so far plus the longest run seen (``run_s`` before any ended)
-    fits ``budget_s``. Returns and writes the summary."""
+    is only started when the time so far plus the longest successful run so far (``run_s``
+    before one succeeded) fits ``budget_s``. Returns and writes the summary."""
     parsed = [parse_run(r) for r in runs]
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / workers:.2f}")
     start, queue, active, summary = time.monotonic(), list(zip(runs, parsed)), {}, {}
-    longest = run_s
+    ok_walls = []  # wall times of the runs that succeeded
     while queue or active:
+        longest = max(ok_walls) if ok_walls else run_s
         while queue and len(active) < workers:
             elapsed = time.monotonic() - start
             if elapsed + longest > budget_s:
@@ -133,7 +137,8 @@ def train_runs(runs: list[str], out: Path, workers: int, budget_s: float, run_s:
             workdir = out / run.replace("@", "_seed")
             workdir.mkdir(parents=True, exist_ok=True)
             log = (workdir / "log.txt").open("w")
-            cmd = [sys.executable, "-m", "experiments.train", *run_flags(name, seed, workdir, extra)]
+            cmd = [sys.executable, "-m", "experiments.train",
+                   *run_flags(name, seed, workdir, extra)]
             active[run] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
                            time.monotonic(), workdir, log)
             print(f"[quality] start {run} at {elapsed:.0f} s", flush=True)
@@ -144,7 +149,6 @@ def train_runs(runs: list[str], out: Path, workers: int, budget_s: float, run_s:
             log.close()
             del active[run]
             wall = time.monotonic() - t0
-            longest = max(longest if summary else 0.0, wall)
             name, seed = parse_run(run)
             rows = read_metrics(workdir)
             val = [r for r in rows if "val_loss" in r]
@@ -156,6 +160,8 @@ def train_runs(runs: list[str], out: Path, workers: int, budget_s: float, run_s:
                 "log_tail": log_lines[-30:],
                 "wall_s": wall, "final_val_loss": val[-1]["val_loss"] if val else None,
                 "metrics": rows, **_model_facts(workdir)}
+            if summary[run]["status"] == "ok":
+                ok_walls.append(wall)
             print(f"[quality] end {run}: {summary[run]['status']}, val "
                   f"{summary[run]['final_val_loss']}, {wall:.0f} s", flush=True)
             _write_summary(out, workers, start, summary)  # a killed campaign keeps what ended
