@@ -37,8 +37,9 @@ def test_every_run_builds_its_model():
 
 
 def test_train_runs_then_report(tmp_path):
-    """Two tiny runs share the 'GPU' (here the CPU), a third fails with the trainer's own error,
-    a fourth does not fit the budget; the report tables and plots the finished ones."""
+    """Tiny runs two at a time on the CPU: MHA and MLA finish, the CCGQA runs fail with the
+    trainer's own error (a bad override); a run past the budget is not started; the report
+    tables and plots the finished ones."""
     extra = TINY + [f"config.data.cache_dir={tmp_path / 'cache'}"]
     result = quality.train_runs(["mha", "ccgqa8_noshift", "mla8", "ccgqa8"], tmp_path / "out",
                                 workers=2, budget_s=60.0, run_s=1.0,
