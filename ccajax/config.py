@@ -11,14 +11,15 @@ import dataclasses
 TEMPERATURE_FORMS = ("linear", "exp")
 
 
-def _check_positive_int(name: str, value) -> None:
+def check_positive_int(name: str, value) -> None:
+    """ValueError naming the argument unless value is an int >= 1 (bools refused)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_heads(num_q_heads: int, num_kv_heads: int, q_name: str, kv_name: str) -> None:
-    _check_positive_int(q_name, num_q_heads)
-    _check_positive_int(kv_name, num_kv_heads)
+    check_positive_int(q_name, num_q_heads)
+    check_positive_int(kv_name, num_kv_heads)
     if num_q_heads % num_kv_heads:
         valid = [h for h in range(1, num_q_heads + 1) if num_q_heads % h == 0]
         raise ValueError(
@@ -82,9 +83,9 @@ class CCAConfig:
     temperature_form: str = "linear"
 
     def __post_init__(self):
-        _check_positive_int("d_model", self.d_model)
+        check_positive_int("d_model", self.d_model)
         _check_heads(self.num_q_heads, self.num_kv_heads, "num_q_heads", "num_kv_heads")
-        _check_positive_int("head_dim", self.head_dim)
+        check_positive_int("head_dim", self.head_dim)
         sizes = tuple(self.conv_kernel_sizes)
         if len(sizes) != 2 or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in sizes):
             raise ValueError(
@@ -132,7 +133,7 @@ class CCAConfig:
     def from_compression(cls, d_model: int, compression: int, head_dim: int = 128,
                          num_kv_heads: int | None = None, **kwargs) -> "CCAConfig":
         """CCA with latent width E / C (``num_kv_heads=None``), or CCGQA with fewer kv heads."""
-        _check_positive_int("compression", compression)
+        check_positive_int("compression", compression)
         if d_model % (compression * head_dim):
             raise ValueError(
                 f"d_model={d_model} must be a multiple of compression*head_dim = {compression}*{head_dim}"
@@ -163,9 +164,9 @@ class MHAConfig:
     causal: bool = True
 
     def __post_init__(self):
-        _check_positive_int("d_model", self.d_model)
+        check_positive_int("d_model", self.d_model)
         _check_heads(self.num_q_heads, self.num_kv_heads, "num_q_heads", "num_kv_heads")
-        _check_positive_int("head_dim", self.head_dim)
+        check_positive_int("head_dim", self.head_dim)
         _check_rope(self.head_dim, self.rope_theta, self.rope_fraction, "head_dim")
 
 
@@ -203,7 +204,7 @@ class MLAConfig:
     def __post_init__(self):
         for name in ("d_model", "num_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                      "v_head_dim"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if isinstance(self.q_lora_rank, bool) or not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0:
             raise ValueError(f"q_lora_rank must be an int >= 0 (0 = full-rank queries), got {self.q_lora_rank!r}")
         _check_rope(self.qk_rope_head_dim, self.rope_theta, 1.0, "qk_rope_head_dim")

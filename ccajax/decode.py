@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from ccajax import cca, mha, mla
 from ccajax._common import attend, cast_tree, check_params
-from ccajax.config import CCAConfig, MHAConfig, MLAConfig
+from ccajax.config import CCAConfig, MHAConfig, MLAConfig, check_positive_int
 from ccajax.costs import kv_cache_values_per_token
 from ccajax.pallas.decode import decode_attention
 
@@ -80,9 +80,8 @@ def init_decode_state(cfg, batch: int, max_len: int, dtype=jnp.float32):
       `KVCache`, `CCACache` or `MLACache` (module docstring).
     """
     _init_fn(cfg)
-    for name, value in (("batch", batch), ("max_len", max_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_positive_int("batch", batch)
+    check_positive_int("max_len", max_len)
     lengths = jnp.zeros((batch,), jnp.int32)
     if isinstance(cfg, MLAConfig):
         return MLACache(jnp.zeros((batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim), dtype),

@@ -21,7 +21,7 @@ from flax import nnx
 
 from ccajax import costs, decode
 from ccajax.attention import IMPLEMENTATIONS
-from ccajax.config import AttentionConfig, CCAConfig, MHAConfig, MLAConfig
+from ccajax.config import AttentionConfig, CCAConfig, MHAConfig, MLAConfig, check_positive_int
 from ccajax.modules import attention_module
 
 ATTENTIONS = ("mha", "gqa", "mqa", "mla", "cca", "ccgqa")
@@ -117,9 +117,7 @@ class LMConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "mlp_dim", "experts_per_token"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if not isinstance(self.attention, (CCAConfig, MHAConfig, MLAConfig)):
             raise ValueError(f"attention must be a CCAConfig, MHAConfig or MLAConfig, got "
                              f"{type(self.attention).__name__}")
