@@ -140,16 +140,15 @@ def train_runs(runs: list[str], out: Path, workers: int, budget_s: float, run_s:
             cmd = [sys.executable, "-m", "experiments.train",
                    *run_flags(name, seed, workdir, extra)]
             active[run] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
-                           time.monotonic(), workdir, log)
+                           time.monotonic(), workdir, log, name, seed)
             print(f"[quality] start {run} at {elapsed:.0f} s", flush=True)
         time.sleep(1.0)
-        for run, (proc, t0, workdir, log) in list(active.items()):
+        for run, (proc, t0, workdir, log, name, seed) in list(active.items()):
             if proc.poll() is None:
                 continue
             log.close()
             del active[run]
             wall = time.monotonic() - t0
-            name, seed = parse_run(run)
             rows = read_metrics(workdir)
             val = [r for r in rows if "val_loss" in r]
             log_lines = (workdir / "log.txt").read_text().strip().splitlines() or [""]
@@ -263,8 +262,6 @@ def main(argv):
     if FLAGS.mode == "train":
         if not FLAGS.runs:
             raise app.UsageError(f"--runs: name one or more of {', '.join(RUNS)}")
-        for run in FLAGS.runs:
-            parse_run(run)
         train_runs(FLAGS.runs, Path(FLAGS.out), FLAGS.workers, FLAGS.budget_s, FLAGS.run_s,
                    FLAGS.override)
         return
