@@ -251,7 +251,7 @@ class TransformerLM(nnx.Module):
     def __call__(self, tokens, segment_ids=None):
         """tokens (B, S) int, segment_ids (B, S) int or None -> (logits (B, S, V) float32, MoE aux
         loss float32 scalar, 0 for a dense MLP)."""
-        x = self.embed(tokens)
+        x = self.embed_tokens(tokens)
         block_fn = lambda block, x, seg: block(x, seg)
         policy = REMAT_POLICIES[self.cfg.remat]
         if self.cfg.remat != "none":
@@ -261,6 +261,17 @@ class TransformerLM(nnx.Module):
             x, block_aux = block_fn(block, x, segment_ids)
             aux = aux + block_aux
         return self.logits(x), aux
+
+    def embed_tokens(self, tokens):
+        """tokens (...) int -> (..., E) in the compute dtype.
+
+        Gathers from the float32 table and casts after: gathering a bf16 copy (as `nnx.Embed`
+        does) makes the backward a bf16 scatter-add, whose emulated atomics serialise on
+        frequent tokens. On byte-level text that cost 113 ms per 32 x 1024 batch on an H100,
+        against 0.1 ms for this float32 scatter-add (2026-11-23), and it also summed the
+        embedding's gradient in bf16.
+        """
+        return jnp.take(self.embed.embedding[...], tokens, axis=0).astype(self.embed.dtype)
 
     def logits(self, x):
         """Final norm and head: x (..., E) -> float32 logits (..., V)."""
@@ -275,7 +286,7 @@ class TransformerLM(nnx.Module):
     def prefill(self, tokens, lengths, state: list):
         """Runs right-padded prompts tokens (B, S) of ``lengths`` (B,) into the decode ``state``.
         Returns (logits (B, V) of each prompt's last token, the new state)."""
-        x, new_state = self.embed(tokens), []
+        x, new_state = self.embed_tokens(tokens), []
         for block, layer_state in zip(self.blocks, state):
             y, layer_state = decode.prefill(block.attn.params(), block.attn_input(x), block.attn.cfg,
                                             layer_state, lengths,
@@ -287,7 +298,7 @@ class TransformerLM(nnx.Module):
 
     def decode_step(self, tokens, state: list):
         """One new token per sequence, tokens (B,); returns (its logits (B, V), the new state)."""
-        x, new_state = self.embed(tokens), []
+        x, new_state = self.embed_tokens(tokens), []
         for block, layer_state in zip(self.blocks, state):
             y, layer_state = decode.decode_step(block.attn.params(), block.attn_input(x),
                                                 block.attn.cfg, layer_state)

@@ -59,6 +59,29 @@ def test_forward_shapes_bf16(attention):
     assert np.isfinite(np.asarray(logits)).all() and float(aux) == 0.0
 
 
+
+def test_embedding_gradient_is_summed_in_float32():
+    """The lookup's backward scatter-adds into the float32 table: a bf16 scatter-add serialises
+    on repeated tokens on the GPU and rounds the summed gradient (see `embed_tokens`)."""
+    model = models.TransformerLM(small_cfg(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((2, 8), jnp.int32)  # one token repeated: the case that was slow
+    loss = lambda m: jnp.sum(m(tokens)[0])
+    jaxpr = jax.make_jaxpr(lambda m: nnx.grad(loss)(m))(model)
+
+    def scatter_dtypes(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scatter-add":
+                yield eqn.outvars[0].aval.dtype
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", param)
+                if hasattr(inner, "eqns"):
+                    yield from scatter_dtypes(inner)
+
+    dtypes = list(scatter_dtypes(jaxpr.jaxpr))
+    assert dtypes and all(d == jnp.float32 for d in dtypes), dtypes
+    grad = nnx.grad(loss)(model)["embed"]["embedding"][...]
+    assert grad.dtype == jnp.float32 and float(jnp.abs(grad[0]).sum()) > 0
+
 def test_moe_remat_untied():
     cfg = small_cfg(num_experts=4, experts_per_token=2, remat="full", tie_embeddings=False)
     model = models.TransformerLM(cfg, rngs=nnx.Rngs(0))
