@@ -26,6 +26,14 @@ def test_run_names_and_commands():
         quality.parse_run("mha@x")
 
 
+def test_expected_wall_prefers_the_same_run_then_attention():
+    done = [("mha", 110.0), ("mla8", 215.0), ("ccgqa8", 140.0)]
+    assert quality.expected_wall("mha", done, run_s=1.0) == 110.0
+    assert quality.expected_wall("ccgqa8_noshift", done, run_s=1.0) == 140.0  # same attention
+    assert quality.expected_wall("gqa4", done, run_s=1.0) == 215.0  # none alike: the longest
+    assert quality.expected_wall("gqa4", [], run_s=7.0) == 7.0
+
+
 def test_every_run_builds_its_model():
     """Each RUNS entry's overrides make a valid model config (a typo would fail on the GPU)."""
     for name, (_, kv_compression, overrides) in quality.RUNS.items():
