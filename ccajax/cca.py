@@ -202,6 +202,11 @@ def cca_qkv(params: dict, x: jnp.ndarray, cfg: CCAConfig, positions: jnp.ndarray
     return q, k, v
 
 
+# How `cca_attention` makes q/k/v: the reference functions of this module, or `ccajax.cca_fused`
+# with its prologue in jnp or in the Mosaic GPU kernel.
+PROLOGUES = ("plain", "jnp", "mosaic")
+
+
 def cca_attention(params: dict, x: jnp.ndarray, cfg: CCAConfig, *,
                   segment_ids: jnp.ndarray | None = None, positions: jnp.ndarray | None = None,
                   implementation: str | None = None, dtype=None,
@@ -225,15 +230,15 @@ def cca_attention(params: dict, x: jnp.ndarray, cfg: CCAConfig, *,
     Returns:
       y (B, S, E) in the compute dtype.
     """
+    if prologue not in (None, *PROLOGUES):
+        raise ValueError(f"prologue must be one of {PROLOGUES} or None, got {prologue!r}")
     if prologue in (None, "plain"):
         qkv = cca_qkv
-    elif prologue in ("jnp", "mosaic"):
+    else:
         from ccajax.cca_fused import cca_qkv_fused  # imports this module
 
         def qkv(p, x, cfg, pos, seg):
             return cca_qkv_fused(p, x, cfg, pos, seg, prologue=prologue)
-    else:
-        raise ValueError(f"prologue must be 'plain', 'jnp', 'mosaic' or None, got {prologue!r}")
     o, params = attend(params, x, cfg, init_cca_params,
                        lambda p, x, pos, seg: qkv(p, x, cfg, pos, seg),
                        segment_ids=segment_ids, positions=positions,

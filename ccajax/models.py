@@ -21,6 +21,7 @@ from flax import nnx
 
 from ccajax import costs, decode
 from ccajax.attention import IMPLEMENTATIONS
+from ccajax.cca import PROLOGUES as CCA_PROLOGUES
 from ccajax.config import AttentionConfig, CCAConfig, MHAConfig, MLAConfig, check_positive_int
 from ccajax.modules import attention_module
 
@@ -100,6 +101,8 @@ class LMConfig:
       dtype: compute dtype name; param_dtype: storage dtype name of the params.
       remat: rematerialisation policy of each block, one of `REMAT_POLICIES`.
       attention_implementation: backend of `ccajax.attention.dot_product_attention`; None = default.
+      cca_prologue: how CCA/CCGQA layers make q/k/v, one of `CCA_PROLOGUES` (see
+        `ccajax.cca.cca_attention`); None = its default. Only with a `CCAConfig` attention.
     """
 
     vocab_size: int
@@ -114,6 +117,7 @@ class LMConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     attention_implementation: str | None = None
+    cca_prologue: str | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "mlp_dim", "experts_per_token"):
@@ -131,6 +135,10 @@ class LMConfig:
         _choice("param_dtype", self.param_dtype, DTYPES)
         _choice("remat", self.remat, tuple(REMAT_POLICIES))
         _choice("attention_implementation", self.attention_implementation, (None, *IMPLEMENTATIONS))
+        _choice("cca_prologue", self.cca_prologue, (None, *CCA_PROLOGUES))
+        if self.cca_prologue is not None and not isinstance(self.attention, CCAConfig):
+            raise ValueError(f"cca_prologue={self.cca_prologue!r} applies to CCA/CCGQA attention "
+                             f"only, got a {type(self.attention).__name__}; leave it None")
 
     @property
     def d_model(self) -> int:
@@ -201,8 +209,9 @@ class Block(nnx.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         norm = dict(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
         self.attn_norm = nnx.RMSNorm(cfg.d_model, **norm)
+        cca = dict(prologue=cfg.cca_prologue) if isinstance(cfg.attention, CCAConfig) else {}
         self.attn = attention_module(cfg.attention, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                     implementation=cfg.attention_implementation)
+                                     implementation=cfg.attention_implementation, **cca)
         self.mlp_norm = nnx.RMSNorm(cfg.d_model, **norm)
         mlp = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.mlp = (MoE(cfg.d_model, cfg.mlp_dim, cfg.num_experts, cfg.experts_per_token, **mlp)

@@ -130,11 +130,13 @@ class CCAttention(nnx.Module):
       dtype: compute dtype (default: the input's); norms and softmax stay in float32.
       param_dtype: storage dtype of the params.
       implementation: attention backend (see `ccajax.attention.dot_product_attention`).
+      prologue: how q/k/v are made, see `ccajax.cca.cca_attention` (None: its default).
     """
 
     def __init__(self, cfg: CCAConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                 implementation: str | None = None):
+                 implementation: str | None = None, prologue: str | None = None):
         self.cfg, self.dtype, self.implementation = cfg, dtype, implementation
+        self.prologue = prologue
         self.compress = Compression(cfg, rngs=rngs, param_dtype=param_dtype)
         self.conv = ConvMixing(cfg, rngs=rngs, param_dtype=param_dtype) if cfg.use_conv else None
         self.value = ValueShift(cfg, rngs=rngs, param_dtype=param_dtype)
@@ -150,7 +152,7 @@ class CCAttention(nnx.Module):
         """x (B, S, E); segment_ids (B, S) int or None; positions (S,)/(B, S) int or None."""
         return cca.cca_attention(self.params(), x, self.cfg, segment_ids=segment_ids,
                                  positions=positions, implementation=self.implementation,
-                                 dtype=self.dtype)
+                                 dtype=self.dtype, prologue=self.prologue)
 
 
 class _FlatAttention(ParamGroup):

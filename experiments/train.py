@@ -66,7 +66,8 @@ def model_config(config, vocab_size: int) -> models.LMConfig:
         vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, attention=attention,
         mlp_dim=m.mlp_dim, num_experts=m.num_experts, experts_per_token=m.experts_per_token,
         tie_embeddings=m.tie_embeddings, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-        attention_implementation=m.attention_implementation or None))
+        attention_implementation=m.attention_implementation or None,
+        cca_prologue=m.cca_prologue or None))
 
 
 def optimizer_config(config) -> training.OptimizerConfig:

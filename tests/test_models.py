@@ -82,6 +82,22 @@ def test_embedding_gradient_is_summed_in_float32():
     grad = nnx.grad(loss)(model)["embed"]["embedding"][...]
     assert grad.dtype == jnp.float32 and float(jnp.abs(grad[0]).sum()) > 0
 
+def test_cca_prologue_reaches_the_layers():
+    """The fused jnp prologue gives the plain path's logits (float32, to rounding); a prologue
+    for a non-CCA attention is refused."""
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 40)
+    plain = models.TransformerLM(small_cfg(), rngs=nnx.Rngs(0))
+    fused = models.TransformerLM(small_cfg(cca_prologue="jnp"), rngs=nnx.Rngs(0))
+    dots = lambda m: str(jax.make_jaxpr(lambda m: m(tokens))(m)).count("dot_general")
+    assert dots(fused) < dots(plain)  # one down-projection matmul instead of four
+    np.testing.assert_allclose(fast_jit(lambda m: m(tokens)[0])(fused),
+                               fast_jit(lambda m: m(tokens)[0])(plain), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"cca_prologue='jnp' applies to CCA/CCGQA attention only"):
+        small_cfg("mha", cca_prologue="jnp")
+    with pytest.raises(ValueError, match=r"cca_prologue must be one of \(None, 'plain', 'jnp'"):
+        small_cfg(cca_prologue="triton")
+
+
 def test_moe_remat_untied():
     cfg = small_cfg(num_experts=4, experts_per_token=2, remat="full", tie_embeddings=False)
     model = models.TransformerLM(cfg, rngs=nnx.Rngs(0))
