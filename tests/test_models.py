@@ -59,7 +59,6 @@ def test_forward_shapes_bf16(attention):
     assert np.isfinite(np.asarray(logits)).all() and float(aux) == 0.0
 
 
-
 def test_embedding_gradient_is_summed_in_float32():
     """The lookup's backward scatter-adds into the float32 table: a bf16 scatter-add serialises
     on repeated tokens on the GPU and rounds the summed gradient (see `embed_tokens`)."""
@@ -81,6 +80,7 @@ def test_embedding_gradient_is_summed_in_float32():
     assert dtypes and all(d == jnp.float32 for d in dtypes), dtypes
     grad = nnx.grad(loss)(model)["embed"]["embedding"][...]
     assert grad.dtype == jnp.float32 and float(jnp.abs(grad[0]).sum()) > 0
+
 
 def test_cca_prologue_reaches_the_layers():
     """The fused jnp prologue gives the plain path's logits (float32, to rounding); a prologue
