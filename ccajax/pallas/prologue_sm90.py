@@ -4,7 +4,7 @@ Public entry: :func:`mosaic_prologue` (custom VJP): from the down-projection's o
 attention-ready q', k' in one pass: the two-stage causal convolution (with its 2-row halo and the
 spec's bias semantics), the q-k mean, L2 normalisation with the key temperature, and RoPE (full or
 partial). Its reference is `ccajax.cca_fused.fused_prologue` (itself equal to `ccajax.cca`'s
-functions); the backward is that reference's VJP, recomputed in jnp.
+functions). The backward (`prologue_bwd`) is two more kernels plus small XLA ops (see below).
 
 Shapes
 ------
@@ -34,6 +34,19 @@ Kernel layout
   operands (not register shuffles) are what the interpreter and the GPU both take. cos/sin are
   computed in the kernel from position * inv_freq (the reference's float32 angles).
 * out = (y cos + rot(y) sin) * sqrt(d) / ||y|| (* temperature for keys), rounded once, TMA-stored.
+
+Backward
+--------
+* dy kernel, same grid and recompute (one partner slot, to fit SMEM): with g = dL/dout, RoPE
+  transposed is g cos + (g R^T) sin (R pairs columns of one frequency; g R^T is exact, one
+  wgmma), then the norm's backward gives dy = dL/dy. It writes dy (16-bit), the conv1 operands
+  c0[t-1], c0[t] (for dW1 = c0^T dy, one batched XLA matmul) and per-tile column sums for
+  d b0, d w0, d b1 and the temperature (dc0 = dy W1^T by two wgmmas with transposed W1 views).
+* du kernel, grid as above: the conv's mirror image, looking ahead. dL/dc0[t] = dy[t] W1[1]^T +
+  m1[t+1] dy[t+1] W1[0]^T and du[t] = w0[1] dL/dc0[t] + w0[0] m1[t+1] dL/dc0[t+1] (m1[t]: t is
+  not a segment start) need dy at rows t+1, t+2: copied shifted by TMA into untiled buffers (the
+  last block's rows past the end stay unwritten; zero-padded segment positions mask them), then
+  masked into swizzled tiles: four wgmmas. Plus the q-k mean's share, through the partner slots.
 """
 
 from __future__ import annotations
@@ -48,11 +61,16 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.config import CCAConfig, rotary_dims
 from ccajax.pallas.sm90_common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, pad_axis, round_up
+from ccajax.pallas.sm90_pipeline import col_vec, matmul, row_vec, tile_transforms
 
 BLOCK_ROWS = 64  # one warpgroup's wgmma tile
 LAGS = 3  # conv0 at t and t-1 reads rows t, t-1, t-2
-PARTNER_SLOTS = 2  # q-k mean partner tiles in flight (G of them pass through)
+PARTNER_SLOTS = 2  # q-k mean partner tiles in flight in the forward (G of them pass through)
 _VEC_ROWS = 8  # per-head vectors: w0 older tap, w0 current tap, b0, b1, out scale, inv_freq
+# Per-CTA column sums of the dy kernel, one row each: d b0, d w0 current tap, d w0 older tap,
+# d b1, and d(out scale) (summed over the columns in XLA).
+_SUM_ROWS = 5
+_WGMMA = plgpu.Layout.WGMMA
 
 
 def unsupported_reason(cfg: CCAConfig, dtype) -> str | None:
@@ -75,9 +93,7 @@ def head_vectors(conv: dict, temp, cfg: CCAConfig) -> jnp.ndarray:
     w0 = conv["w0"].astype(f32).reshape(2, heads, d)
     scale = jnp.full((heads,), d ** 0.5, f32)
     if temp is not None:
-        t = temp.astype(f32)
-        t = jnp.exp(t) if cfg.temperature_form == "exp" else t
-        scale = scale.at[cfg.num_q_heads:].multiply(t)
+        scale = scale.at[cfg.num_q_heads:].multiply(_temperature(temp, cfg))
     rotary = rotary_dims(d, cfg.rope_fraction)
     inv_freq = jnp.zeros((d,), f32)
     if rotary:
@@ -91,6 +107,12 @@ def head_vectors(conv: dict, temp, cfg: CCAConfig) -> jnp.ndarray:
     return jnp.stack(rows, axis=1)
 
 
+def _temperature(temp, cfg: CCAConfig):
+    """(Hkv,) float32 factor the keys are multiplied by."""
+    t = temp.astype(jnp.float32)
+    return jnp.exp(t) if cfg.temperature_form == "exp" else t
+
+
 def rotate_half_matrix(head_dim: int, rotary: int, dtype) -> jnp.ndarray:
     """(d, d) signed permutation R with (y @ R) = rotate_half(y) on the first ``rotary`` dims
     (-y[j + r/2] for j < r/2, y[j - r/2] for r/2 <= j < r) and 0 beyond."""
@@ -102,135 +124,225 @@ def rotate_half_matrix(head_dim: int, rotary: int, dtype) -> jnp.ndarray:
     return r.astype(dtype)
 
 
+def _kernel_inputs(p, conv, temp, positions, segment_positions, cfg: CCAConfig):
+    """What the forward and dy kernels read, sequences zero-padded to a block multiple (a copy
+    only when S is not one): p, positions, segment positions, head vectors, W1, R."""
+    seq_pad = round_up(p.shape[1], BLOCK_ROWS)
+    rotary = rotary_dims(cfg.head_dim, cfg.rope_fraction)
+    return (pad_axis(p, 1, seq_pad), pad_axis(positions.astype(jnp.int32), 1, seq_pad),
+            pad_axis(segment_positions.astype(jnp.int32), 1, seq_pad),
+            head_vectors(conv, temp, cfg), conv["w1"].astype(p.dtype),
+            rotate_half_matrix(cfg.head_dim, rotary, p.dtype))
+
+
+# --- in-kernel pieces shared by the forward and the backward kernels ----------------------------
+
+def _tile_position(num_q_heads):
+    """(head, row block, batch, first row, whether the head is a q head) of this CTA."""
+    h, block = lax.axis_index("heads"), lax.axis_index("rows")
+    return h, block, lax.axis_index("batch"), block * BLOCK_ROWS, h < num_q_heads
+
+
+def _column(vec_smem, i, shape):
+    """Row i of a (rows, d) float32 SMEM table, broadcast down the tile's rows."""
+    return lax.broadcast_in_dim(col_vec(vec_smem.at[i]), shape, [1])
+
+
+def _per_row(v, shape):
+    return lax.broadcast_in_dim(v, shape, [0])
+
+
+def _matmul2(a0, b0, a1, b1, shape):
+    """a0 @ b0 + a1 @ b1 in one fresh float32 accumulator (SMEM operands)."""
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a0, b0)
+        plgpu.wgmma(acc_ref, a1, b1)
+        return acc_ref[...]
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _copy_rows_shifted(rows_of, dst, s0, shift, at_edge, barrier):
+    """TMA copy of ``dst[t] = src[s0 + t + shift]`` for the block's 64 rows t, ``rows_of(ds)``
+    being the source's rows. At the sequence edge (block 0 for a look-back shift < 0, the last
+    block for a look-ahead shift > 0) only the rows that exist are copied; the others stay
+    unwritten and the caller masks them with a select. The shift is in the copy, not in a load:
+    WGMMA-layout loads at row offsets that are not multiples of 8 read wrong rows on the H100."""
+    rows = BLOCK_ROWS
+    n = rows - abs(shift)
+
+    @pl.when(at_edge)
+    def _():
+        if shift < 0:  # the sequence's rows [0, n) go to rows [-shift, 64)
+            plgpu.copy_gmem_to_smem(rows_of(pl.ds(0, n)), dst.at[pl.ds(-shift, n)], barrier)
+        else:  # rows [s0 + shift, s0 + 64) go to rows [0, n)
+            plgpu.copy_gmem_to_smem(rows_of(pl.ds(s0 + shift, n)), dst.at[pl.ds(0, n)], barrier)
+
+    @pl.when(jnp.logical_not(at_edge))
+    def _():
+        plgpu.copy_gmem_to_smem(rows_of(pl.ds(s0 + shift, rows)), dst, barrier)
+
+
+class _Partners:
+    """The G tiles a head's q-k mean term reads, through the slots of ``smem``: a q head's partner
+    is its k head (read G times, so that q and k heads share one branch-free code path), a k
+    head's are its G q heads. ``tile_of(head)`` is the partner's 64 rows in global memory."""
+
+    def __init__(self, tile_of, smem, barriers, h, is_q, cfg: CCAConfig):
+        self.tile_of, self.smem, self.barriers, self.is_q = tile_of, smem, barriers, is_q
+        self.slots, self.group = smem.shape[0], cfg.group_size
+        self.k_head = cfg.num_q_heads + lax.div(h, jnp.int32(self.group))
+        self.first_q_head = (h - cfg.num_q_heads) * self.group
+
+    def _copy(self, g):
+        src = jnp.where(self.is_q, self.k_head, self.first_q_head + g)
+        slot = g % self.slots
+        plgpu.copy_gmem_to_smem(self.tile_of(src), self.smem.at[slot], self.barriers.at[slot])
+
+    def start(self):
+        for g in range(min(self.slots, self.group)):
+            self._copy(g)
+        return self
+
+    def sum(self):
+        """The G tiles summed (float32, WGMMA layout); each slot is refilled once read."""
+        total = 0.0
+        for g in range(self.group):
+            slot = g % self.slots
+            plgpu.barrier_wait(self.barriers.at[slot])
+            total = total + plgpu.load(self.smem.at[slot], layout=_WGMMA).astype(jnp.float32)
+            if g + self.slots < self.group:
+                plgpu.commit_smem()  # warpgroup barrier: every thread has read the slot
+                self._copy(g + self.slots)
+        return total
+
+
+def _conv_scratch(d, dtype, partner_slots):
+    """Scratch of the conv recompute (`_start_conv` / `_conv_y`), d=128: 3 lag buffers 48 KB,
+    2 operand tiles 32, partner slots 16 each, 2 conv1 taps 64, R 32, vectors 4."""
+    tiled = tile_transforms()
+    return dict(
+        lag_smem=plgpu.SMEM((LAGS, BLOCK_ROWS, d), dtype),
+        op_smem=plgpu.SMEM((2, BLOCK_ROWS, d), dtype, transforms=tiled),
+        part_smem=plgpu.SMEM((partner_slots, BLOCK_ROWS, d), dtype, transforms=tiled),
+        w1_smem=plgpu.SMEM((2, d, d), dtype, transforms=tiled),
+        rot_smem=plgpu.SMEM((d, d), dtype, transforms=tiled),
+        vec_smem=plgpu.SMEM((_VEC_ROWS, d), jnp.float32),
+        pos_smem=plgpu.SMEM((BLOCK_ROWS,), jnp.int32),
+        segpos_smem=plgpu.SMEM((BLOCK_ROWS,), jnp.int32),
+        lag_barrier=plgpu.Barrier(num_arrivals=LAGS),
+        part_barriers=plgpu.Barrier(num_barriers=partner_slots),
+        const_barrier=plgpu.Barrier(num_arrivals=6),  # 2 conv1 taps, R, vectors, ids
+    )
+
+
+def _start_conv(in_refs, sc, cfg: CCAConfig):
+    """Issues the copies of the conv recompute; returns the q-k mean partners (None without)."""
+    p_ref, pos_ref, segpos_ref, vec_ref, w1_ref, rot_ref = in_refs
+    h, block, b, s0, is_q = _tile_position(cfg.num_q_heads)
+    rows = BLOCK_ROWS
+    for tap in range(2):
+        plgpu.copy_gmem_to_smem(w1_ref.at[tap, h], sc["w1_smem"].at[tap], sc["const_barrier"])
+    plgpu.copy_gmem_to_smem(rot_ref, sc["rot_smem"], sc["const_barrier"])
+    plgpu.copy_gmem_to_smem(vec_ref.at[h], sc["vec_smem"], sc["const_barrier"])
+    plgpu.copy_gmem_to_smem(pos_ref.at[b, pl.ds(s0, rows)], sc["pos_smem"], sc["const_barrier"])
+    plgpu.copy_gmem_to_smem(segpos_ref.at[b, pl.ds(s0, rows)], sc["segpos_smem"],
+                            sc["const_barrier"])
+
+    # lag_smem[lag][t] = p[s0 + t - lag]; block 0's rows t < lag stay unwritten (masked).
+    def rows_of(ds):
+        return p_ref.at[b, ds, h]
+
+    lag_smem = sc["lag_smem"]
+    plgpu.copy_gmem_to_smem(rows_of(pl.ds(s0, rows)), lag_smem.at[0], sc["lag_barrier"])
+    for lag in range(1, LAGS):
+        _copy_rows_shifted(rows_of, lag_smem.at[lag], s0, -lag, block == 0, sc["lag_barrier"])
+    if not cfg.use_qk_mean:
+        return None
+    return _Partners(lambda head: p_ref.at[b, pl.ds(s0, rows), head], sc["part_smem"],
+                     sc["part_barriers"], h, is_q, cfg).start()
+
+
+def _lags(sc, shape):
+    """u[t - lag] for lag 0, 1, 2 (float32, WGMMA layout), zero before t's segment start (as the
+    spec pads); a select, so block 0's unwritten rows (any bits) never reach the result."""
+    segpos = _per_row(row_vec(sc["segpos_smem"]), shape)
+    lags = []
+    for lag in range(LAGS):
+        u = plgpu.load(sc["lag_smem"].at[lag], layout=_WGMMA).astype(jnp.float32)
+        lags.append(u if lag == 0 else jnp.where(segpos >= lag, u, 0.0))
+    return lags
+
+
+def _conv_y(sc, partners, cfg: CCAConfig):
+    """y = conv1(conv0(u)) + b1 + q-k mean, (64, d) float32 in WGMMA layout. conv0 at t-1 and t
+    (c0[t-1] = b0 at a segment start, the spec's bias semantics) stay in op_smem[0], op_smem[1]
+    as the 16-bit conv1 operands."""
+    op_smem, vec_smem = sc["op_smem"], sc["vec_smem"]
+    shape = op_smem.shape[1:]
+    plgpu.barrier_wait(sc["const_barrier"])
+    plgpu.barrier_wait(sc["lag_barrier"])
+    lags = _lags(sc, shape)
+    w_old, w_cur, b0 = (_column(vec_smem, i, shape) for i in range(3))
+    c0_prev = b0 + w_cur * lags[1] + w_old * lags[2]
+    c0_cur = b0 + w_cur * lags[0] + w_old * lags[1]
+    mean = 0.0
+    if partners is not None:
+        mean = 0.5 * (lags[0] + partners.sum() * (1.0 / cfg.group_size))
+    op_smem.at[0][...] = c0_prev.astype(op_smem.dtype)
+    op_smem.at[1][...] = c0_cur.astype(op_smem.dtype)
+    plgpu.commit_smem()
+    w1_smem = sc["w1_smem"]
+    y = _matmul2(op_smem.at[0], w1_smem.at[0], op_smem.at[1], w1_smem.at[1], shape)
+    return y + _column(vec_smem, 3, shape) + mean
+
+
+def _rope_angle(sc, shape):
+    """position * inv_freq per element, float32 (the reference's angles)."""
+    pos = _per_row(row_vec(sc["pos_smem"]), shape).astype(jnp.float32)
+    return pos * _column(sc["vec_smem"], 5, shape)
+
+
+def _inv_norm(y):
+    return 1.0 / jnp.maximum(jnp.sqrt((y * y).sum(axis=1)), jnp.finfo(jnp.float32).eps)
+
+
+# --- forward ---------------------------------------------------------------------------------
+
 def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig):
     """Runs the kernel (see the module docstring for shapes); q', k' in p's dtype."""
     why = unsupported_reason(cfg, p.dtype)
     if why is not None:
         raise ValueError(f"the mosaic prologue does not support {why}; use the jnp prologue")
     batch, seq, _, d = p.shape
-    hq, hkv, group = cfg.num_q_heads, cfg.num_kv_heads, cfg.group_size
-    heads = hq + hkv
+    hq, hkv = cfg.num_q_heads, cfg.num_kv_heads
     dtype = p.dtype
-    rows = BLOCK_ROWS
-    seq_pad = round_up(seq, rows)
-    # Tails: zero rows (a copy, only when S is not a block multiple), sliced off at the end.
-    p = pad_axis(p, 1, seq_pad)
-    positions = pad_axis(positions.astype(jnp.int32), 1, seq_pad)
-    segment_positions = pad_axis(segment_positions.astype(jnp.int32), 1, seq_pad)
-    vecs = head_vectors(conv, temp, cfg)
+    inputs = _kernel_inputs(p, conv, temp, positions, segment_positions, cfg)
+    seq_pad = inputs[0].shape[1]
     rotary = rotary_dims(d, cfg.rope_fraction)
-    w1 = conv["w1"].astype(dtype)
-    rot = rotate_half_matrix(d, rotary, dtype)
 
-    slots = min(group, PARTNER_SLOTS)
-
-    def kernel(p_ref, pos_ref, segpos_ref, vec_ref, w1_ref, rot_ref, q_ref, k_ref, *,
-               lag_smem, op_smem, part_smem, w1_smem, rot_smem, vec_smem, pos_smem, segpos_smem,
-               lag_barrier, part_barriers, const_barrier):
-        h = lax.axis_index("heads")
-        block = lax.axis_index("rows")
-        b = lax.axis_index("batch")
-        s0 = block * rows
-        is_q = h < hq
-
-        # --- copies in ---------------------------------------------------------------------
-        for tap in range(2):
-            plgpu.copy_gmem_to_smem(w1_ref.at[tap, h], w1_smem.at[tap], const_barrier)
-        plgpu.copy_gmem_to_smem(rot_ref, rot_smem, const_barrier)
-        plgpu.copy_gmem_to_smem(vec_ref.at[h], vec_smem, const_barrier)
-        plgpu.copy_gmem_to_smem(pos_ref.at[b, pl.ds(s0, rows)], pos_smem, const_barrier)
-        plgpu.copy_gmem_to_smem(segpos_ref.at[b, pl.ds(s0, rows)], segpos_smem, const_barrier)
-
-        # lag_smem[lag][t] = p[s0 + t - lag]; block 0 has no rows before it, so its copies
-        # start at buffer row `lag` and rows t < lag stay unwritten (masked below).
-        plgpu.copy_gmem_to_smem(p_ref.at[b, pl.ds(s0, rows), h], lag_smem.at[0], lag_barrier)
-        for lag in range(1, LAGS):
-            @pl.when(block == 0)
-            def _():
-                plgpu.copy_gmem_to_smem(p_ref.at[b, pl.ds(0, rows - lag), h],
-                                        lag_smem.at[lag, pl.ds(lag, rows - lag)], lag_barrier)
-
-            @pl.when(block > 0)
-            def _():
-                plgpu.copy_gmem_to_smem(p_ref.at[b, pl.ds(s0 - lag, rows), h], lag_smem.at[lag],
-                                        lag_barrier)
-
-        # A q head's partner is its k head (read G times); a k head's are its G q heads.
-        k_head = hq + lax.div(h, jnp.int32(group))
-
-        def copy_partner(g):
-            src = jnp.where(is_q, k_head, (h - hq) * group + g)
-            plgpu.copy_gmem_to_smem(p_ref.at[b, pl.ds(s0, rows), src], part_smem.at[g % slots],
-                                    part_barriers.at[g % slots])
-
-        if cfg.use_qk_mean:
-            for g in range(slots):
-                copy_partner(g)
-
-        # --- conv0 at t and t-1 in registers -----------------------------------------------
-        wgmma_layout = plgpu.Layout.WGMMA
-        shape = (rows, d)
-        plgpu.barrier_wait(const_barrier)
-
-        def column(i):
-            v = plgpu.load(vec_smem.at[i], layout=wgmma_layout.reduce(0))
-            return lax.broadcast_in_dim(v, shape, [1])
-
-        def per_row(v):
-            return lax.broadcast_in_dim(v, shape, [0])
-
-        segpos = per_row(plgpu.load(segpos_smem, layout=wgmma_layout.reduce(1)))
-        plgpu.barrier_wait(lag_barrier)
-        lags = []
-        for lag in range(LAGS):
-            u = plgpu.load(lag_smem.at[lag], layout=wgmma_layout).astype(jnp.float32)
-            # u[t - lag] exists only inside t's segment (zero before it, as the spec pads); a
-            # select, so block 0's unwritten rows (any bits) never reach the result.
-            lags.append(u if lag == 0 else jnp.where(segpos >= lag, u, 0.0))
-        w_old, w_cur, b0 = column(0), column(1), column(2)
-        c0_prev = b0 + w_cur * lags[1] + w_old * lags[2]  # conv0 at t-1; b0 at a segment start
-        c0_cur = b0 + w_cur * lags[0] + w_old * lags[1]
-        mean = 0.0
-        if cfg.use_qk_mean:
-            partners = 0.0
-            for g in range(group):
-                plgpu.barrier_wait(part_barriers.at[g % slots])
-                partners = partners + plgpu.load(part_smem.at[g % slots],
-                                                 layout=wgmma_layout).astype(jnp.float32)
-                if g + slots < group:
-                    plgpu.commit_smem()  # warpgroup barrier: every thread has read the slot
-                    copy_partner(g + slots)
-            mean = 0.5 * (lags[0] + partners * (1.0 / group))
-        op_smem.at[0][...] = c0_prev.astype(dtype)
-        op_smem.at[1][...] = c0_cur.astype(dtype)
-        plgpu.commit_smem()
-
-        def conv1(acc_ref):
-            plgpu.wgmma(acc_ref, op_smem.at[0], w1_smem.at[0])
-            plgpu.wgmma(acc_ref, op_smem.at[1], w1_smem.at[1])
-            return acc_ref[...]
-
-        y = pl.run_scoped(conv1, plgpu.ACC(shape, jnp.float32)) + column(3) + mean
+    def kernel(*refs, **sc):
+        *in_refs, q_ref, k_ref = refs
+        h, _, b, s0, is_q = _tile_position(hq)
+        partners = _start_conv(in_refs, sc, cfg)
+        y = _conv_y(sc, partners, cfg)
+        shape = y.shape
+        op_smem = sc["op_smem"]
 
         # --- normalise, temperature, RoPE --------------------------------------------------
-        inv_norm = 1.0 / jnp.maximum(jnp.sqrt((y * y).sum(axis=1)), jnp.finfo(jnp.float32).eps)
+        inv_norm = _inv_norm(y)
         out = y
         if rotary:
+            # rotate_half(y) = y @ R on the tensor cores, y split as bf16 hi + lo (exact to
+            # ~2^-16); conv1's wgmmas are done (their result was read), so op_smem is free.
             y_hi = y.astype(dtype)
-            op_smem.at[0][...] = y_hi  # conv1's wgmmas are done: its result was read
+            op_smem.at[0][...] = y_hi
             op_smem.at[1][...] = (y - y_hi.astype(jnp.float32)).astype(dtype)
             plgpu.commit_smem()
-
-            def rotate(acc_ref):
-                plgpu.wgmma(acc_ref, op_smem.at[0], rot_smem)
-                plgpu.wgmma(acc_ref, op_smem.at[1], rot_smem)
-                return acc_ref[...]
-
-            y_rot = pl.run_scoped(rotate, plgpu.ACC(shape, jnp.float32))
-            pos = per_row(plgpu.load(pos_smem, layout=wgmma_layout.reduce(1))).astype(jnp.float32)
-            angle = pos * column(5)
+            rot_smem = sc["rot_smem"]
+            y_rot = _matmul2(op_smem.at[0], rot_smem, op_smem.at[1], rot_smem, shape)
+            angle = _rope_angle(sc, shape)
             out = y * jnp.cos(angle) + y_rot * jnp.sin(angle)
-        out = out * per_row(inv_norm) * column(4)
+        out = out * _per_row(inv_norm, shape) * _column(sc["vec_smem"], 4, shape)
 
         # --- store ---------------------------------------------------------------------------
         out_smem = op_smem.at[0]  # the rotation's wgmmas are done: their result was read
@@ -239,68 +351,249 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig):
 
         @pl.when(is_q)
         def _():
-            plgpu.copy_smem_to_gmem(out_smem, q_ref.at[b, pl.ds(s0, rows), h])
+            plgpu.copy_smem_to_gmem(out_smem, q_ref.at[b, pl.ds(s0, BLOCK_ROWS), h])
 
         @pl.when(jnp.logical_not(is_q))
         def _():
-            plgpu.copy_smem_to_gmem(out_smem, k_ref.at[b, pl.ds(s0, rows), h - hq])
+            plgpu.copy_smem_to_gmem(out_smem, k_ref.at[b, pl.ds(s0, BLOCK_ROWS), h - hq])
 
         plgpu.wait_smem_to_gmem(0)
 
-    # 16-bit tiles for wgmma: (8, 64) tiling + 128-byte swizzle (64 elements x 2 bytes).
-    swizzle = min(128, d * 2)
-    transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
-    scratch = dict(
-        lag_smem=plgpu.SMEM((LAGS, rows, d), dtype),
-        op_smem=plgpu.SMEM((2, rows, d), dtype, transforms=transforms),
-        part_smem=plgpu.SMEM((slots, rows, d), dtype, transforms=transforms),
-        w1_smem=plgpu.SMEM((2, d, d), dtype, transforms=transforms),
-        rot_smem=plgpu.SMEM((d, d), dtype, transforms=transforms),
-        vec_smem=plgpu.SMEM((_VEC_ROWS, d), jnp.float32),
-        pos_smem=plgpu.SMEM((rows,), jnp.int32),
-        segpos_smem=plgpu.SMEM((rows,), jnp.int32),
-        lag_barrier=plgpu.Barrier(num_arrivals=LAGS),
-        part_barriers=plgpu.Barrier(num_barriers=slots),
-        const_barrier=plgpu.Barrier(num_arrivals=6),  # 2 conv1 taps, R, vectors, ids
-    )
     q, k = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((batch, seq_pad, hq, d), dtype),
                   jax.ShapeDtypeStruct((batch, seq_pad, hkv, d), dtype)),
-        scratch_types=scratch,
-        grid=(heads, seq_pad // rows, batch),
+        scratch_types=_conv_scratch(d, dtype, min(cfg.group_size, PARTNER_SLOTS)),
+        grid=(hq + hkv, seq_pad // BLOCK_ROWS, batch),
         grid_names=("heads", "rows", "batch"),
-    )(p, positions, segment_positions, vecs, w1, rot)
+    )(*inputs)
     return q[:, :seq], k[:, :seq]
 
 
-def _reference(p, conv, temp, positions, segment_positions, cfg):
-    from ccajax.cca_fused import fused_prologue  # imports ccajax.cca, which is heavier
+# --- backward --------------------------------------------------------------------------------
 
-    return fused_prologue(conv, temp, p[:, :, :cfg.num_q_heads + cfg.num_kv_heads], cfg,
-                          positions, segment_positions)
+def _dy_kernel(inputs, d_q, d_k, cfg: CCAConfig):
+    """dy = dL/dy (y: conv1 + b1 + mean, before the norm), recomputing y per tile.
+
+    Returns dy (H, B, S_pad, d) and the conv1 operands c0 (H, B, S_pad, 2, d) [c0[t-1], c0[t]],
+    both 16-bit, head-major for the dW1 matmul; and (H, B, S_pad/64, 5, d) float32 column sums
+    per tile: d b0, d w0[1], d w0[0], d b1, d(out scale)."""
+    p = inputs[0]
+    batch, seq_pad, _, d = p.shape
+    hq, heads = cfg.num_q_heads, cfg.num_q_heads + cfg.num_kv_heads
+    rows, dtype = BLOCK_ROWS, p.dtype
+    rotary = rotary_dims(d, cfg.rope_fraction)
+
+    def kernel(*refs, g_smem, g_barrier, sums_smem, **sc):
+        *in_refs, dq_ref, dk_ref, dy_ref, c0_ref, sums_ref = refs
+        h, block, b, s0, is_q = _tile_position(hq)
+        partners = _start_conv(in_refs, sc, cfg)
+
+        @pl.when(is_q)
+        def _():
+            plgpu.copy_gmem_to_smem(dq_ref.at[b, pl.ds(s0, rows), h], g_smem, g_barrier)
+
+        @pl.when(jnp.logical_not(is_q))
+        def _():
+            plgpu.copy_gmem_to_smem(dk_ref.at[b, pl.ds(s0, rows), h - hq], g_smem, g_barrier)
+
+        y = _conv_y(sc, partners, cfg)
+        shape = y.shape
+        for tap in range(2):  # the conv1 operands, for dW1 = c0^T dy in XLA
+            plgpu.copy_smem_to_gmem(sc["op_smem"].at[tap], c0_ref.at[h, b, pl.ds(s0, rows), tap])
+        inv_norm = _per_row(_inv_norm(y), shape)
+        y_hat = y * inv_norm
+
+        # RoPE transposed: gy = g cos + (g sin) R^T = g cos + (g R^T) sin, since R only pairs
+        # columns of one frequency; g R^T permutes 16-bit values, so one wgmma is exact.
+        plgpu.barrier_wait(g_barrier)
+        gy = plgpu.load(g_smem, layout=_WGMMA).astype(jnp.float32)
+        if rotary:
+            g_rot = matmul(g_smem, sc["rot_smem"].transpose((1, 0)), shape)
+            angle = _rope_angle(sc, shape)
+            gy = gy * jnp.cos(angle) + g_rot * jnp.sin(angle)
+        scale_grad = gy * y_hat  # out = scale * rope(y_hat): d(scale) sums these
+        gy = gy * _column(sc["vec_smem"], 4, shape)
+        # The norm's backward: d(y / |y|) = (g - y_hat (y_hat . g)) / |y|.
+        dy = inv_norm * (gy - y_hat * _per_row((y_hat * gy).sum(axis=1), shape))
+        sums_smem.at[3][...] = dy.sum(axis=0)
+        sums_smem.at[4][...] = scale_grad.sum(axis=0)
+        g_smem[...] = dy.astype(dtype)  # g's wgmma is done (its result was read)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(g_smem, dy_ref.at[h, b, pl.ds(s0, rows)])
+
+        # dL/d c0[t-1] = dy W1[0]^T and dL/d c0[t] = dy W1[1]^T, row by row, give the conv0
+        # parameter sums (the same expressions as `_conv_y`'s c0 in the lags).
+        w1_smem = sc["w1_smem"]
+        dc0_prev = matmul(g_smem, w1_smem.at[0].transpose((1, 0)), shape)
+        dc0_cur = matmul(g_smem, w1_smem.at[1].transpose((1, 0)), shape)
+        lags = _lags(sc, shape)
+        sums_smem.at[0][...] = (dc0_prev + dc0_cur).sum(axis=0)
+        sums_smem.at[1][...] = (dc0_prev * lags[1] + dc0_cur * lags[0]).sum(axis=0)
+        sums_smem.at[2][...] = (dc0_prev * lags[2] + dc0_cur * lags[1]).sum(axis=0)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(sums_smem, sums_ref.at[h, b, block])
+        plgpu.wait_smem_to_gmem(0)
+
+    # SMEM at d=128: the conv recompute with one partner slot 196.5 KB + g/dy tile 16 + sums 2.5
+    # = 215 KB, plus Mosaic's 2 KB reduction scratch: under the 227 KB limit with one slot.
+    scratch = _conv_scratch(d, dtype, 1)
+    scratch.update(g_smem=plgpu.SMEM((rows, d), dtype, transforms=tile_transforms()),
+                   g_barrier=plgpu.Barrier(num_arrivals=1),
+                   sums_smem=plgpu.SMEM((_SUM_ROWS, d), jnp.float32))
+    blocks = seq_pad // rows
+    return plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct((heads, batch, seq_pad, d), dtype),
+                  jax.ShapeDtypeStruct((heads, batch, seq_pad, 2, d), dtype),
+                  jax.ShapeDtypeStruct((heads, batch, blocks, _SUM_ROWS, d), jnp.float32)),
+        scratch_types=scratch,
+        grid=(heads, blocks, batch),
+        grid_names=("heads", "rows", "batch"),
+    )(*inputs, d_q, d_k)
+
+
+def _du_kernel(dy, segpos_ahead, vecs, w1, cfg: CCAConfig):
+    """dL/du (B, S_pad, H, d) from dy (H, B, S_pad, d), the conv's look-ahead mirror image.
+
+    With dc0[t] = dL/d c0[t] = dy[t] W1[1]^T + m1[t+1] dy[t+1] W1[0]^T (m_l[t]: t's segment
+    reaches back l rows; c0[t] feeds conv1 at t and t+1):
+    du[t] = w0[1] dc0[t] + w0[0] m1[t+1] dc0[t+1] + the q-k mean's share of dy.
+    ``segpos_ahead`` (B, S_pad + 64) holds the segment positions, zero past the end.
+    """
+    heads, batch, seq_pad, d = dy.shape
+    hq, group, rows, dtype = cfg.num_q_heads, cfg.group_size, BLOCK_ROWS, dy.dtype
+    blocks = seq_pad // rows
+
+    def kernel(dy_ref, segpos_ref, vec_ref, w1_ref, du_ref, *, ahead_smem, op_smem, part_smem,
+               w1_smem, vec_smem, segpos_smem, dy_barrier, part_barriers, const_barrier):
+        h, block, b, s0, is_q = _tile_position(hq)
+        for tap in range(2):
+            plgpu.copy_gmem_to_smem(w1_ref.at[tap, h], w1_smem.at[tap], const_barrier)
+        plgpu.copy_gmem_to_smem(vec_ref.at[h], vec_smem, const_barrier)
+        for i in range(2):
+            plgpu.copy_gmem_to_smem(segpos_ref.at[b, pl.ds(s0 + 1 + i, rows)], segpos_smem.at[i],
+                                    const_barrier)
+
+        # op_smem[0][t] = dy[s0 + t]; ahead_smem[i][t] = dy[s0 + t + 1 + i], the last block's
+        # rows past the end unwritten (their segment positions are 0: masked).
+        def rows_of(ds):
+            return dy_ref.at[h, b, ds]
+
+        plgpu.copy_gmem_to_smem(rows_of(pl.ds(s0, rows)), op_smem.at[0], dy_barrier)
+        for i in range(2):
+            _copy_rows_shifted(rows_of, ahead_smem.at[i], s0, 1 + i, block == blocks - 1,
+                               dy_barrier)
+        partners = None
+        if cfg.use_qk_mean:
+            partners = _Partners(lambda head: dy_ref.at[head, b, pl.ds(s0, rows)], part_smem,
+                                 part_barriers, h, is_q, cfg).start()
+
+        shape = (rows, d)
+        plgpu.barrier_wait(const_barrier)
+        plgpu.barrier_wait(dy_barrier)
+        for i in range(2):  # op_smem[1 + i] = m_{1+i}[t+1+i] dy[t+1+i]; m2[t+2] = m1[t+1] m1[t+2]
+            lag = 1 + i
+            segpos = _per_row(row_vec(segpos_smem.at[i]), shape)
+            ahead = plgpu.load(ahead_smem.at[i], layout=_WGMMA).astype(jnp.float32)
+            op_smem.at[1 + i][...] = jnp.where(segpos >= lag, ahead, 0.0).astype(dtype)
+        plgpu.commit_smem()
+        w1t = [w1_smem.at[tap].transpose((1, 0)) for tap in range(2)]
+        dc0 = _matmul2(op_smem.at[0], w1t[1], op_smem.at[1], w1t[0], shape)
+        dc0_next = _matmul2(op_smem.at[1], w1t[1], op_smem.at[2], w1t[0], shape)  # m1[t+1] dc0[t+1]
+        du = _column(vec_smem, 1, shape) * dc0 + _column(vec_smem, 0, shape) * dc0_next
+        if partners is not None:
+            # mq_h = (u_h + u_k) / 2, mk = u_k / 2 + mean of the G q heads / 2: a q head gets
+            # dy_k / (2G) (its partner tiles are G copies of dy_k), a k head its q heads' dy / 2.
+            own = plgpu.load(op_smem.at[0], layout=_WGMMA).astype(jnp.float32)
+            share = jnp.where(is_q, 0.5 / group ** 2, 0.5)
+            du = du + 0.5 * own + share * partners.sum()
+        out_smem = op_smem.at[1]  # the wgmmas are done: their results were read
+        out_smem[...] = du.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, du_ref.at[b, pl.ds(s0, rows), h])
+        plgpu.wait_smem_to_gmem(0)
+
+    # SMEM at d=128: 2 look-ahead buffers 32 KB, 3 operand tiles 48, partner slots <= 32,
+    # 2 conv1 taps 64, vectors 4: <= 180 KB.
+    tiled = tile_transforms()
+    slots = min(group, PARTNER_SLOTS)
+    scratch = dict(
+        ahead_smem=plgpu.SMEM((2, rows, d), dtype),
+        op_smem=plgpu.SMEM((3, rows, d), dtype, transforms=tiled),
+        part_smem=plgpu.SMEM((slots, rows, d), dtype, transforms=tiled),
+        w1_smem=plgpu.SMEM((2, d, d), dtype, transforms=tiled),
+        vec_smem=plgpu.SMEM((_VEC_ROWS, d), jnp.float32),
+        segpos_smem=plgpu.SMEM((2, rows), jnp.int32),
+        dy_barrier=plgpu.Barrier(num_arrivals=3),
+        part_barriers=plgpu.Barrier(num_barriers=slots),
+        const_barrier=plgpu.Barrier(num_arrivals=5),  # 2 conv1 taps, vectors, 2 id rows
+    )
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((batch, seq_pad, heads, d), dtype),
+        scratch_types=scratch,
+        grid=(heads, blocks, batch),
+        grid_names=("heads", "rows", "batch"),
+    )(dy, segpos_ahead, vecs, w1)
+
+
+def prologue_bwd(p, conv, temp, positions, segment_positions, d_q, d_k, cfg: CCAConfig):
+    """Gradients of `prologue_fwd`'s q', k' (cotangents d_q (B, S, Hq, d), d_k (B, S, Hkv, d)).
+
+    Two kernels and XLA: the dy kernel recomputes y and writes dy, the conv1 operands and
+    per-tile column sums; the du kernel turns dy into du with the conv's look-ahead halo; XLA
+    sums the column sums and forms dW1 = c0^T dy (one batched matmul).
+    Returns (dp like p (value heads zero), dconv like conv, dtemp like temp or None).
+    """
+    batch, seq, num_p_heads, d = p.shape
+    heads = cfg.num_q_heads + cfg.num_kv_heads
+    inputs = _kernel_inputs(p, conv, temp, positions, segment_positions, cfg)
+    seq_pad = inputs[0].shape[1]
+    d_q, d_k = (pad_axis(c.astype(p.dtype), 1, seq_pad) for c in (d_q, d_k))
+    dy, c0, sums = _dy_kernel(inputs, d_q, d_k, cfg)
+    segpos_ahead = pad_axis(inputs[2], 1, seq_pad + BLOCK_ROWS)
+    du = _du_kernel(dy, segpos_ahead, inputs[3], inputs[4], cfg)
+
+    f32 = jnp.float32
+    sums = sums.sum(axis=(1, 2))  # (H, 5, d)
+    dw1 = jnp.einsum("hbsjc,hbso->jhco", c0, dy, preferred_element_type=f32)
+    dconv = {"w0": jnp.stack([sums[:, 2], sums[:, 1]]).reshape(2, heads * d),
+             "b0": sums[:, 0].reshape(-1), "w1": dw1, "b1": sums[:, 3].reshape(-1)}
+    dconv = {name: g.astype(conv[name].dtype) for name, g in dconv.items()}
+    dtemp = None
+    if temp is not None:
+        # out scale = sqrt(d) * temperature(temp) on the k heads.
+        d_scale = sums[cfg.num_q_heads:, 4].sum(axis=-1)
+        _, temp_vjp = jax.vjp(lambda t: _temperature(t, cfg), temp.astype(f32))
+        dtemp = temp_vjp(d_scale * d ** 0.5)[0].astype(temp.dtype)
+    dp = jnp.pad(du[:, :seq], ((0, 0), (0, 0), (0, num_p_heads - heads), (0, 0)))
+    return dp, dconv, dtemp
+
+
+def _run(interpret, fn, *args):
+    """fn(*args), under Mosaic GPU interpret mode when asked (tests on the CPU)."""
+    if not interpret:
+        return fn(*args)
+    with plgpu.force_gpu_interpret_mode():
+        return fn(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _prologue(p, conv, temp, positions, segment_positions, cfg, interpret):
-    return _prologue_fwd(p, conv, temp, positions, segment_positions, cfg, interpret)[0]
+    return _run(interpret, prologue_fwd, p, conv, temp, positions, segment_positions, cfg)
 
 
 def _prologue_fwd(p, conv, temp, positions, segment_positions, cfg, interpret):
-    if interpret:
-        with plgpu.force_gpu_interpret_mode():
-            out = prologue_fwd(p, conv, temp, positions, segment_positions, cfg)
-    else:
-        out = prologue_fwd(p, conv, temp, positions, segment_positions, cfg)
+    out = _run(interpret, prologue_fwd, p, conv, temp, positions, segment_positions, cfg)
     return out, (p, conv, temp, positions, segment_positions)
 
 
 def _prologue_bwd(cfg, interpret, residuals, d_out):
     p, conv, temp, positions, segment_positions = residuals
-    # The backward is the jnp reference's VJP (recomputing its forward, fused by XLA).
-    _, vjp = jax.vjp(lambda p, conv, temp: _reference(p, conv, temp, positions,
-                                                      segment_positions, cfg), p, conv, temp)
-    return (*vjp(d_out), None, None)
+    dp, dconv, dtemp = _run(interpret, prologue_bwd, p, conv, temp, positions,
+                            segment_positions, *d_out, cfg)
+    return dp, dconv, dtemp, None, None
 
 
 _prologue.defvjp(_prologue_fwd, _prologue_bwd)
@@ -308,7 +601,8 @@ _prologue.defvjp(_prologue_fwd, _prologue_bwd)
 
 def mosaic_prologue(p, conv: dict, temp, positions, segment_positions, cfg: CCAConfig, *,
                     interpret: bool = False):
-    """q', k' from the down-projection output, through the sm90 kernel (differentiable).
+    """q', k' from the down-projection output, through the sm90 kernel; differentiable
+    wrt p, conv and temp through the backward kernels (`prologue_bwd`).
 
     Args:
       p: (B, S, Hp, d) bf16/fp16 heads of the down-projection output, q heads then k heads first.
