@@ -95,6 +95,19 @@ def test_forward_matches_reference(rng, name):
         np.testing.assert_allclose(k[:, rows], ref_k[:, rows], atol=TOL, rtol=TOL)
 
 
+def test_far_positions_reduce_the_rope_angle(rng):
+    """Positions in the hundreds of thousands (angles up to ~3e5 rad): the kernel reduces each
+    float32 angle modulo 2 pi before its approximate sin/cos; a reduction off by a bit of
+    2 pi's low part would show as O(1) errors in the rotated columns."""
+    cfg, params, p, positions = _setup(rng, dict(num_q_heads=2, num_kv_heads=1), 64, False, 1)
+    p_, conv, temp, _, segment_positions = _args(cfg, params, p, positions)
+    args = (p_, conv, temp, positions + 300_000, segment_positions)
+    with plgpu.force_gpu_interpret_mode():
+        q, k = mosaic_prologue(*args, cfg)
+    for got, want in zip((q, k), _reference(cfg, *args)):
+        np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, atol=TOL, rtol=TOL)
+
+
 def _loss_and_grads(prologue, args, cts):
     """jit(value_and_grad) of sum <prologue(p, conv, temp), cts> wrt p, conv and temp."""
     p, conv, temp, positions, segment_positions = args

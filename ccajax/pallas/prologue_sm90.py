@@ -32,7 +32,8 @@ Kernel layout
 * RoPE needs y with its halves swapped: y is split as bf16 hi + lo (exact to ~2^-16) and
   multiplied by the signed permutation matrix on the tensor cores (two more wgmmas), since wgmma
   operands (not register shuffles) are what the interpreter and the GPU both take. cos/sin are
-  computed in the kernel from position * inv_freq (the reference's float32 angles).
+  computed in the kernel from position * inv_freq (the reference's float32 angles), reduced
+  modulo 2 pi and fed to the approximate sin/cos (`_rope_angle` says why).
 * out = (y cos + rot(y) sin) * sqrt(d) / ||y|| (* temperature for keys), rounded once, TMA-stored.
 
 Backward
@@ -52,6 +53,7 @@ Backward
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +73,8 @@ _VEC_ROWS = 8  # per-head vectors: w0 older tap, w0 current tap, b0, b1, out sca
 # d b1, and d(out scale) (summed over the columns in XLA).
 _SUM_ROWS = 5
 _WGMMA = plgpu.Layout.WGMMA
+# Fast sin/cos/sqrt (see `_rope_angle`); the outputs are 16-bit.
+_COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True)
 
 
 def unsupported_reason(cfg: CCAConfig, dtype) -> str | None:
@@ -296,10 +300,24 @@ def _conv_y(sc, partners, cfg: CCAConfig):
     return y + _column(vec_smem, 3, shape) + mean
 
 
+# 2 pi = _TWO_PI_HI + _TWO_PI_LO, the high part with 8 significant bits, so that turns * hi is
+# exact for up to 2^16 turns (positions up to ~400k at the highest frequency).
+_TWO_PI_HI = 6.28125
+_TWO_PI_LO = 2 * math.pi - _TWO_PI_HI
+
+
 def _rope_angle(sc, shape):
-    """position * inv_freq per element, float32 (the reference's angles)."""
+    """position * inv_freq per element (the reference's float32 angles), reduced to [0, 2 pi).
+
+    The kernels compile with approximate math (`_COMPILER_PARAMS`): sin.approx / cos.approx
+    are accurate (~1e-6) only near [-pi, pi], and the accurate sinf / cosf they replace cost
+    ~2.5 KB of local-memory spills per thread (their slow range-reduction path), which made
+    the forward ~20x slower on the H200 (2026-11-30: 3.4 ms vs 0.17 ms without RoPE at 16k).
+    Angles are >= 0 (positions and frequencies are), so truncation is floor."""
     pos = _per_row(row_vec(sc["pos_smem"]), shape).astype(jnp.float32)
-    return pos * _column(sc["vec_smem"], 5, shape)
+    angle = pos * _column(sc["vec_smem"], 5, shape)
+    turns = (angle * (1.0 / (2 * math.pi))).astype(jnp.int32).astype(jnp.float32)
+    return (angle - turns * _TWO_PI_HI) - turns * _TWO_PI_LO
 
 
 def _inv_norm(y):
@@ -366,6 +384,7 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig):
         scratch_types=_conv_scratch(d, dtype, min(cfg.group_size, PARTNER_SLOTS)),
         grid=(hq + hkv, seq_pad // BLOCK_ROWS, batch),
         grid_names=("heads", "rows", "batch"),
+        compiler_params=_COMPILER_PARAMS,
     )(*inputs)
     return q[:, :seq], k[:, :seq]
 
@@ -450,16 +469,19 @@ def _dy_kernel(inputs, d_q, d_k, cfg: CCAConfig):
         scratch_types=scratch,
         grid=(heads, blocks, batch),
         grid_names=("heads", "rows", "batch"),
+        compiler_params=_COMPILER_PARAMS,
     )(*inputs, d_q, d_k)
 
 
-def _du_kernel(dy, segpos_ahead, vecs, w1, cfg: CCAConfig):
+def _du_kernel(dy, segpos_next, vecs, w1, cfg: CCAConfig):
     """dL/du (B, S_pad, H, d) from dy (H, B, S_pad, d), the conv's look-ahead mirror image.
 
     With dc0[t] = dL/d c0[t] = dy[t] W1[1]^T + m1[t+1] dy[t+1] W1[0]^T (m_l[t]: t's segment
     reaches back l rows; c0[t] feeds conv1 at t and t+1):
     du[t] = w0[1] dc0[t] + w0[0] m1[t+1] dc0[t+1] + the q-k mean's share of dy.
-    ``segpos_ahead`` (B, S_pad + 64) holds the segment positions, zero past the end.
+    ``segpos_next`` (B, 2, S_pad): the segment positions of rows t+1 and t+2, zero past the
+    end (shifted in XLA, so that every copy starts at the tile's first row: the first version
+    copied them from rows s0+1, s0+2 and hit an illegal instruction on the H200, 2026-11-30).
     """
     heads, batch, seq_pad, d = dy.shape
     hq, group, rows, dtype = cfg.num_q_heads, cfg.group_size, BLOCK_ROWS, dy.dtype
@@ -472,7 +494,7 @@ def _du_kernel(dy, segpos_ahead, vecs, w1, cfg: CCAConfig):
             plgpu.copy_gmem_to_smem(w1_ref.at[tap, h], w1_smem.at[tap], const_barrier)
         plgpu.copy_gmem_to_smem(vec_ref.at[h], vec_smem, const_barrier)
         for i in range(2):
-            plgpu.copy_gmem_to_smem(segpos_ref.at[b, pl.ds(s0 + 1 + i, rows)], segpos_smem.at[i],
+            plgpu.copy_gmem_to_smem(segpos_ref.at[b, i, pl.ds(s0, rows)], segpos_smem.at[i],
                                     const_barrier)
 
         # op_smem[0][t] = dy[s0 + t]; ahead_smem[i][t] = dy[s0 + t + 1 + i], the last block's
@@ -535,7 +557,8 @@ def _du_kernel(dy, segpos_ahead, vecs, w1, cfg: CCAConfig):
         scratch_types=scratch,
         grid=(heads, blocks, batch),
         grid_names=("heads", "rows", "batch"),
-    )(dy, segpos_ahead, vecs, w1)
+        compiler_params=_COMPILER_PARAMS,
+    )(dy, segpos_next, vecs, w1)
 
 
 def prologue_bwd(p, conv, temp, positions, segment_positions, d_q, d_k, cfg: CCAConfig):
@@ -552,8 +575,9 @@ def prologue_bwd(p, conv, temp, positions, segment_positions, d_q, d_k, cfg: CCA
     seq_pad = inputs[0].shape[1]
     d_q, d_k = (pad_axis(c.astype(p.dtype), 1, seq_pad) for c in (d_q, d_k))
     dy, c0, sums = _dy_kernel(inputs, d_q, d_k, cfg)
-    segpos_ahead = pad_axis(inputs[2], 1, seq_pad + BLOCK_ROWS)
-    du = _du_kernel(dy, segpos_ahead, inputs[3], inputs[4], cfg)
+    segpos_ahead = pad_axis(inputs[2], 1, seq_pad + 2)
+    segpos_next = jnp.stack([segpos_ahead[:, 1:1 + seq_pad], segpos_ahead[:, 2:]], axis=1)
+    du = _du_kernel(dy, segpos_next, inputs[3], inputs[4], cfg)
 
     f32 = jnp.float32
     sums = sums.sum(axis=(1, 2))  # (H, 5, d)
