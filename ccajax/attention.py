@@ -103,7 +103,7 @@ def _mosaic_supports(q, v) -> bool:
             and v.shape[-1] == q.shape[-1])
 
 
-def _on_hopper() -> bool:
+def on_hopper() -> bool:
     device = jax.devices()[0]
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
@@ -120,7 +120,7 @@ def default_implementation(q, k, v, segment_ids) -> str:
     """
     if jax.default_backend() != "gpu":
         return "xla"
-    if _on_hopper() and _mosaic_supports(q, v):
+    if on_hopper() and _mosaic_supports(q, v):
         return "mosaic"
     even = q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0
     return "cudnn" if even and _cudnn_supports(q, v, segment_ids) else "xla"

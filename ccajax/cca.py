@@ -225,14 +225,19 @@ def cca_attention(params: dict, x: jnp.ndarray, cfg: CCAConfig, *,
       dtype: compute dtype; default x's dtype.
       prologue: how q/k/v are made: "plain" (this module's functions, the reference), or the
         fused path of `ccajax.cca_fused` (one down-projection matmul; same results to rounding)
-        with its prologue in "jnp" or in the "mosaic" kernel (Hopper); None: "plain" (the fused
-        paths become the GPU default once measured faster: see pallas/NOTES_prologue.md).
+        with its prologue in "jnp" or in the "mosaic" kernel (Hopper); None: chosen by
+        `cca_fused.default_prologue` (mosaic on Hopper where measured faster, jnp on other
+        GPUs, plain on the CPU).
     Returns:
       y (B, S, E) in the compute dtype.
     """
     if prologue not in (None, *PROLOGUES):
         raise ValueError(f"prologue must be one of {PROLOGUES} or None, got {prologue!r}")
-    if prologue in (None, "plain"):
+    if prologue is None:
+        from ccajax.cca_fused import default_prologue  # imports this module
+
+        prologue = default_prologue(cfg, dtype or x.dtype)
+    if prologue == "plain":
         qkv = cca_qkv
     else:
         from ccajax.cca_fused import cca_qkv_fused  # imports this module

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from ccajax import CCAConfig, cca_attention, cca_qkv, init_cca_params
-from ccajax.cca_fused import cca_qkv_fused
+from ccajax import attention
+from ccajax.cca_fused import cca_qkv_fused, default_prologue
 from ccajax.rope import contiguous_segments, default_positions
 
 CONFIGS = {
@@ -111,3 +112,23 @@ def test_default_is_plain_off_gpu(rng):
                                   cca_attention(params, x, cfg, prologue="plain"))
     with pytest.raises(ValueError, match="prologue must be"):
         cca_attention(params, x, cfg, prologue="fused")
+
+
+def test_default_prologue_follows_the_measurements(monkeypatch):
+    """mosaic on Hopper for d=128 and the kernel's dtypes without a multi-device mesh; jnp on
+    other GPUs, for d=64, float32, or under a mesh; plain on the CPU."""
+    cfg = CCAConfig(d_model=1024, num_q_heads=4, num_kv_heads=2, head_dim=128)
+    assert default_prologue(cfg, jnp.bfloat16) == "plain"  # CI runs on the CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "on_hopper", lambda: True)
+    assert default_prologue(cfg, jnp.bfloat16) == "mosaic"
+    assert default_prologue(cfg, jnp.float16) == "mosaic"
+    assert default_prologue(cfg, jnp.float32) == "jnp"
+    assert default_prologue(CCAConfig(d_model=512, num_q_heads=4, num_kv_heads=2, head_dim=64),
+                            jnp.bfloat16) == "jnp"
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
+        assert default_prologue(cfg, jnp.bfloat16) == "jnp"
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",))):
+        assert default_prologue(cfg, jnp.bfloat16) == "mosaic"
+    monkeypatch.setattr(attention, "on_hopper", lambda: False)
+    assert default_prologue(cfg, jnp.bfloat16) == "jnp"

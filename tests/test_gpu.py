@@ -41,7 +41,7 @@ def test_default_choice(rng):
     q, k, v = (jnp.asarray(rng.normal(size=(1, 1000, h, 128)), jnp.bfloat16) for h in (8, 2, 2))
     seg = jnp.zeros((1, 1000), jnp.int32)
     f32 = q.astype(jnp.float32)
-    if attention._on_hopper():
+    if attention.on_hopper():
         assert attention.default_implementation(q, k, v, None) == "mosaic"
         assert attention.default_implementation(q, k, v, seg) == "mosaic"
         assert attention.default_implementation(q[..., :96], k[..., :96], v[..., :96], None) == "cudnn"
@@ -54,7 +54,7 @@ def test_odd_lengths_never_go_to_cudnn_and_train(rng):
     # cuDNN's backward rejects odd sequence lengths (NotImplementedError seen on the H100), so the
     # default dispatch must not pick it for them.
     q, k, v = (jnp.asarray(rng.normal(size=(1, 777, h, 128)), jnp.bfloat16) for h in (8, 2, 2))
-    assert attention.default_implementation(q, k, v, None) == ("mosaic" if attention._on_hopper() else "xla")
+    assert attention.default_implementation(q, k, v, None) == ("mosaic" if attention.on_hopper() else "xla")
     grads = jax.grad(lambda q: jnp.sum(attention.dot_product_attention(
         q, k, v, is_causal=True).astype(jnp.float32)))(q)
     assert np.isfinite(np.asarray(grads, np.float32)).all()

@@ -34,8 +34,8 @@ def defaults() -> ml_collections.ConfigDict:
         param_dtype="float32",      # params and optimizer state
         remat="none",               # none | full | dots
         attention_implementation="",  # "" (default dispatch) | xla | cudnn | mosaic
-        cca_prologue="",            # "" (default: plain) | plain | jnp | mosaic: how cca / ccgqa
-                                    #   make q/k/v (ccajax/pallas/NOTES_prologue.md)
+        cca_prologue="",            # "" (cca_fused.default_prologue) | plain | jnp | mosaic: how
+                                    #   cca / ccgqa make q/k/v (ccajax/pallas/NOTES_prologue.md)
     ))
 
     c.data = ml_collections.ConfigDict(dict(
