@@ -313,7 +313,8 @@ def _rope_angle(sc, shape):
     are accurate (~1e-6) only near [-pi, pi], and the accurate sinf / cosf they replace cost
     ~2.5 KB of local-memory spills per thread (their slow range-reduction path), which made
     the forward ~20x slower on the H200 (2026-11-30: 3.4 ms vs 0.17 ms without RoPE at 16k).
-    Angles are >= 0 (positions and frequencies are), so truncation is floor."""
+    Truncation towards zero gives [0, 2 pi) for the usual angles >= 0, and (-2 pi, 0] for
+    negative positions, where the approximate sin/cos are as accurate."""
     pos = _per_row(row_vec(sc["pos_smem"]), shape).astype(jnp.float32)
     angle = pos * _column(sc["vec_smem"], 5, shape)
     turns = (angle * (1.0 / (2 * math.pi))).astype(jnp.int32).astype(jnp.float32)
