@@ -14,8 +14,6 @@ Same maths as the spec (`../shared/CCA_SPEC.md`), same segment semantics as `cca
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -30,23 +28,22 @@ FUSED_PROLOGUES = ("jnp", "mosaic")
 def default_prologue(cfg: CCAConfig, dtype) -> str:
     """The prologue `cca.cca_attention` uses when none is named.
 
-    - "mosaic" (the sm90 kernel) on a Hopper GPU for head_dim 128 and configs and dtypes the
-      kernel takes, with no multi-device mesh in context. Measured on an H200 (2026-11-30,
+    - "mosaic" (the sm90 kernel) on a Hopper GPU for head_dim 128 and the configs and dtypes
+      the kernel takes. Measured on an H200 (2026-11-30,
       benchmarks/results/layers_h200_2026-11-30_16k.json, S=16k causal): the CCA C=2 layer
       forward 1.48 ms vs 1.64 with the jnp prologue, forward+backward 5.70 vs 6.10 ms; faster
-      in every cell timed. Head dim 64 lowers but has not been run on a GPU, and the kernel has
-      no per-device batch split under a mesh yet (XLA would gather the batch onto every device).
-    - "jnp" (the XLA-fused path) on other GPUs and in those cases: in `small` training on an
-      H200 it ran 1-4% more tokens/s than "plain" on one and two GPUs (2026-11-30).
+      in every cell timed. Under a mesh it runs per device over the batch (checked on CPU
+      devices with a stand-in; not yet run on several GPUs). Head dim 64 lowers but has not
+      been run on a GPU.
+    - "jnp" (the XLA-fused path) on other GPUs and for the rest: in `small` training (d=64) on
+      an H200 it ran 1-4% more tokens/s than "plain" on one and two GPUs (2026-11-30).
     - "plain" (the reference functions) off the GPU.
     """
     if jax.default_backend() != "gpu":
         return "plain"
     from ccajax.attention import on_hopper  # imports Pallas' sm90 helpers: GPU only
 
-    mesh = jax.sharding.get_abstract_mesh()
-    sharded = not mesh.empty and math.prod(mesh.shape.values()) > 1
-    if on_hopper() and cfg.head_dim == 128 and not sharded:
+    if on_hopper() and cfg.head_dim == 128:
         from ccajax.pallas.prologue_sm90 import unsupported_reason
 
         if unsupported_reason(cfg, dtype) is None:

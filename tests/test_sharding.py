@@ -1,5 +1,6 @@
 """SPMD on a (data=2, fsdp=2) mesh of 4 CPU devices: a train step equals the single-device step,
-and the Pallas attention and decode kernels run per device on the batch rather than replicated."""
+and the Pallas attention, decode and CCA prologue kernels run per device on the batch rather than
+replicated."""
 
 import subprocess
 import sys
@@ -133,6 +134,34 @@ with jax.set_mesh(mesh):
 assert seen == [2], seen
 want = decode_attention_reference(q1, cache, cache, lengths)
 np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+# The CCA prologue kernel likewise; its conv parameters and key temperature go whole to every
+# device, and their gradients are summed over the devices.
+import ccajax.pallas.prologue_sm90 as prologue_sm90
+from ccajax import CCAConfig, init_cca_params
+from ccajax.cca_fused import fused_prologue
+def prologue_stand_in(p, conv, temp, positions, segment_positions, cfg, interpret):
+    seen.append(p.shape[0])
+    u = p[:, :, :cfg.num_q_heads + cfg.num_kv_heads].astype(jnp.float32)
+    f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
+    return fused_prologue(f32(conv), f32(temp), u, cfg, positions, segment_positions)
+prologue_sm90._prologue = prologue_stand_in
+pcfg = CCAConfig(d_model=128, num_q_heads=2, num_kv_heads=1, head_dim=64)
+params = init_cca_params(jax.random.key(0), pcfg, jnp.bfloat16)  # the kernel takes 16-bit inputs
+p = jnp.asarray(rng.normal(size=(8, 16, 4, 64)), jnp.bfloat16)
+pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (8, 16))
+def prologue_loss(p, conv, temp):
+    q, k = prologue_sm90.mosaic_prologue(p, conv, temp, pos, pos, pcfg)
+    return (q * jnp.arange(64.0)).sum() + (k ** 2).sum()
+grads = jax.jit(jax.value_and_grad(prologue_loss, (0, 1, 2)))
+seen.clear()
+want = grads(p, params["conv"], params["qk_norm"]["temp"])
+with jax.set_mesh(mesh):
+    got = grads(p, params["conv"], params["qk_norm"]["temp"])
+assert seen == [8, 2], seen
+for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # bf16 sums in another order
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    np.testing.assert_allclose(g, w, rtol=2e-2, atol=2e-2 * np.abs(w).max())
 print("OK")
 """
 

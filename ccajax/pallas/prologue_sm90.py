@@ -62,7 +62,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.config import CCAConfig, rotary_dims
-from ccajax.pallas.sm90_common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, pad_axis, round_up
+from ccajax.pallas.sm90_common import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, over_batch, pad_axis,
+                                       round_up)
 from ccajax.pallas.sm90_pipeline import col_vec, matmul, row_vec, tile_transforms
 
 BLOCK_ROWS = 64  # one warpgroup's wgmma tile
@@ -648,4 +649,7 @@ def mosaic_prologue(p, conv: dict, temp, positions, segment_positions, cfg: CCAC
     if p.ndim != 4 or p.shape[2] < cfg.num_q_heads + cfg.num_kv_heads or p.shape[3] != cfg.head_dim:
         raise ValueError(f"p must be (B, S, Hp >= Hq+Hkv = {cfg.num_q_heads + cfg.num_kv_heads}, "
                          f"d = {cfg.head_dim}); got p.shape={p.shape}")
-    return _prologue(p, conv, temp, positions, segment_positions, cfg, interpret)
+    # Per device over the batch under a mesh; conv and temp go whole to every device.
+    return over_batch(lambda p, pos, seg, conv, temp: _prologue(p, conv, temp, pos, seg, cfg,
+                                                                interpret),
+                      p, positions, segment_positions, replicated=(conv, temp))

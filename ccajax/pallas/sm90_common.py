@@ -36,30 +36,34 @@ def batch_axes(batch: int) -> tuple[str, ...]:
     return axes
 
 
-def over_batch(kernel, *args):
-    """``kernel(*args)``, each arg batch-first, per device under the mesh in context.
+def over_batch(kernel, *args, replicated=()):
+    """``kernel(*args, *replicated)``, each of ``args`` batch-first, per device under the mesh in
+    context.
 
     A Pallas kernel has no SPMD partitioning rule: under `jax.jit` on a mesh, XLA would gather
     the batch and run it replicated on every device. With a mesh in context (`jax.set_mesh`, as
     `ccajax.training.jit_steps` traces), it runs under `jax.shard_map` over the batch instead:
-    each device on its own rows, with no communication. Without one (or on one device) this is
-    ``kernel(*args)``. None args pass through.
+    each device on its own rows, with no communication in the forward. ``replicated`` (pytrees,
+    e.g. parameters) go whole to every device; their gradients are summed over the devices by
+    shard_map's transpose. Without a mesh (or on one device) this is ``kernel(*args,
+    *replicated)``. None args pass through.
     """
     axes = batch_axes(next(a for a in args if a is not None).shape[0])
     if not axes:
-        return kernel(*args)
+        return kernel(*args, *replicated)
     given = [i for i, a in enumerate(args) if a is not None]
 
-    def per_device(*local):
+    def per_device(local, whole):
         full = list(args)
         for i, a in zip(given, local):
             full[i] = a
-        return kernel(*full)
+        return kernel(*full, *whole)
 
     spec = PartitionSpec(axes)
     return jax.shard_map(per_device, mesh=jax.sharding.get_abstract_mesh(),
-                         in_specs=(spec,) * len(given), out_specs=spec,
-                         axis_names=frozenset(axes))(*(args[i] for i in given))
+                         in_specs=((spec,) * len(given), PartitionSpec()), out_specs=spec,
+                         axis_names=frozenset(axes))(tuple(args[i] for i in given),
+                                                     tuple(replicated))
 
 
 def round_up(x: int, m: int) -> int:
