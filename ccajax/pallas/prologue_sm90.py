@@ -475,14 +475,22 @@ def _dy_kernel(inputs, d_q, d_k, cfg: CCAConfig):
     )(*inputs, d_q, d_k)
 
 
+def next_segment_positions(segment_positions):
+    """(B, S) -> (B, 2, S): the segment positions of rows t+1 and t+2, zero past the end (the du
+    kernel's look-ahead mask, shifted here so that its copies start at a tile's first row)."""
+    seq = segment_positions.shape[1]
+    ahead = pad_axis(segment_positions, 1, seq + 2)
+    return jnp.stack([ahead[:, 1:1 + seq], ahead[:, 2:]], axis=1)
+
+
 def _du_kernel(dy, segpos_next, vecs, w1, cfg: CCAConfig):
     """dL/du (B, S_pad, H, d) from dy (H, B, S_pad, d), the conv's look-ahead mirror image.
 
     With dc0[t] = dL/d c0[t] = dy[t] W1[1]^T + m1[t+1] dy[t+1] W1[0]^T (m_l[t]: t's segment
     reaches back l rows; c0[t] feeds conv1 at t and t+1):
     du[t] = w0[1] dc0[t] + w0[0] m1[t+1] dc0[t+1] + the q-k mean's share of dy.
-    ``segpos_next`` (B, 2, S_pad): the segment positions of rows t+1 and t+2, zero past the
-    end (shifted in XLA, so that every copy starts at the tile's first row: the first version
+    ``segpos_next`` (B, 2, S_pad): `next_segment_positions` (shifted in XLA, so that every
+    copy starts at the tile's first row: the first version
     copied them from rows s0+1, s0+2 and hit an illegal instruction on the H200, 2026-11-30).
     """
     heads, batch, seq_pad, d = dy.shape
@@ -577,9 +585,7 @@ def prologue_bwd(p, conv, temp, positions, segment_positions, d_q, d_k, cfg: CCA
     seq_pad = inputs[0].shape[1]
     d_q, d_k = (pad_axis(c.astype(p.dtype), 1, seq_pad) for c in (d_q, d_k))
     dy, c0, sums = _dy_kernel(inputs, d_q, d_k, cfg)
-    segpos_ahead = pad_axis(inputs[2], 1, seq_pad + 2)
-    segpos_next = jnp.stack([segpos_ahead[:, 1:1 + seq_pad], segpos_ahead[:, 2:]], axis=1)
-    du = _du_kernel(dy, segpos_next, inputs[3], inputs[4], cfg)
+    du = _du_kernel(dy, next_segment_positions(inputs[2]), inputs[3], inputs[4], cfg)
 
     f32 = jnp.float32
     sums = sums.sum(axis=(1, 2))  # (H, 5, d)
