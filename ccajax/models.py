@@ -257,9 +257,12 @@ class TransformerLM(nnx.Module):
         self.head = None if cfg.tie_embeddings else nnx.Linear(
             cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, tokens, segment_ids=None):
-        """tokens (B, S) int, segment_ids (B, S) int or None -> (logits (B, S, V) float32, MoE aux
-        loss float32 scalar, 0 for a dense MLP)."""
+    def __call__(self, tokens, segment_ids=None, *, logits_dtype=jnp.float32):
+        """tokens (B, S) int, segment_ids (B, S) int or None -> (logits (B, S, V) in
+        ``logits_dtype``, MoE aux loss float32 scalar, 0 for a dense MLP).
+
+        ``logits_dtype=None`` keeps the head's compute dtype, for `ccajax.losses.cross_entropy`
+        (no float32 copy of the logits in HBM)."""
         x = self.embed_tokens(tokens)
         block_fn = lambda block, x, seg: block(x, seg)
         policy = REMAT_POLICIES[self.cfg.remat]
@@ -269,7 +272,7 @@ class TransformerLM(nnx.Module):
         for block in self.blocks:
             x, block_aux = block_fn(block, x, segment_ids)
             aux = aux + block_aux
-        return self.logits(x), aux
+        return self.logits(x, logits_dtype), aux
 
     def embed_tokens(self, tokens):
         """tokens (...) int -> (..., E) in the compute dtype.
@@ -282,11 +285,12 @@ class TransformerLM(nnx.Module):
         """
         return jnp.take(self.embed.embedding[...], tokens, axis=0).astype(self.embed.dtype)
 
-    def logits(self, x):
-        """Final norm and head: x (..., E) -> float32 logits (..., V)."""
+    def logits(self, x, dtype=jnp.float32):
+        """Final norm and head: x (..., E) -> logits (..., V) in ``dtype`` (None: the compute dtype,
+        whose rounding the head's matmul output has either way)."""
         x = self.final_norm(x).astype(self.embed.dtype)
         logits = self.embed.attend(x) if self.head is None else self.head(x)
-        return logits.astype(jnp.float32)
+        return logits if dtype is None else logits.astype(dtype)
 
     def init_decode_state(self, batch: int, max_len: int, dtype) -> list:
         """One empty `ccajax.decode` state per layer for ``batch`` sequences of ``max_len`` tokens."""

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from ccajax import sharding
+from ccajax.losses import cross_entropy
 from ccajax.models import LMConfig, TransformerLM
 
 
@@ -89,13 +90,13 @@ def lm_loss(model: TransformerLM, batch: dict, *, z_loss: float = 0.0, moe_aux_w
     Returns:
       (total loss, metrics dict of scalars: "loss" (cross-entropy), "z_loss", "moe_aux", "tokens").
     """
-    logits, moe_aux = model(batch["inputs"], batch.get("segment_ids"))
+    # Logits stay in the compute dtype: `cross_entropy` reduces them in float32 in its own passes.
+    logits, moe_aux = model(batch["inputs"], batch.get("segment_ids"), logits_dtype=None)
     mask = batch["loss_mask"].astype(jnp.float32)
     tokens = jnp.sum(mask)
     denom = jnp.maximum(tokens, 1.0)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    ce, log_z = cross_entropy(logits, batch["targets"])
     ce = jnp.sum(ce * mask) / denom
-    log_z = jax.nn.logsumexp(logits, axis=-1)
     z = jnp.sum(log_z ** 2 * mask) / denom
     total = ce + z_loss * z + moe_aux_weight * moe_aux
     return total, {"loss": ce, "z_loss": z, "moe_aux": moe_aux, "tokens": tokens}
