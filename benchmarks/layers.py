@@ -50,6 +50,7 @@ flags.DEFINE_list("impls", ["cudnn", "mosaic"], "Attention kernels to try for th
 flags.DEFINE_list("bwd_impls", ["cudnn", "mosaic"], "Attention kernels to try for fwd+bwd.")
 flags.DEFINE_list("prologues", ["jnp", "mosaic"], "CCA prologues to try (`cca_attention`'s).")
 flags.DEFINE_integer("breakdown_seq", 16384, "S of the breakdown (B=1).")
+flags.DEFINE_integer("breakdown_compression", 2, "C of the breakdown's CCA layer (2: 8:8, 4: 4:4).")
 flags.DEFINE_integer("parity_seq", 4096, "S of the breakdown's accuracy check against float32.")
 flags.DEFINE_integer("repeats", 5, "Median of this many syncs.")
 flags.DEFINE_float("target_ms", 40.0,
@@ -209,8 +210,9 @@ def parity(seq: int) -> list:
 
 
 def breakdown():
-    """Pieces of the CCA C=2 layer (S=16k, B=1, causal), plain and fused, fwd and fwd+bwd."""
-    cfg = CCAConfig.from_compression(E, 2, D, causal=True)
+    """Pieces of the CCA layer of C=``--breakdown_compression`` (S=16k, B=1, causal), plain and
+    fused, fwd and fwd+bwd."""
+    cfg = CCAConfig.from_compression(E, FLAGS.breakdown_compression, D, causal=True)
     seq, batch = FLAGS.breakdown_seq, 1
     params, x = inputs(cfg, batch, seq)
     pos = default_positions(None, batch, seq)
@@ -246,7 +248,7 @@ def breakdown():
         "out projection": (lambda wo, o: o @ wo, (params["out"]["wo"], o)),
     }
     for impl in FLAGS.impls:
-        pieces[f"attention {impl} 8:8"] = (
+        pieces[f"attention {impl} {cfg.num_q_heads}:{cfg.num_kv_heads}"] = (
             lambda q, k, v, impl=impl: dot_product_attention(q, k, v, is_causal=True,
                                                              implementation=impl), (q, k, v))
     for prologue in ("plain", *FLAGS.prologues):

@@ -32,7 +32,7 @@ def _max_rel(a, b):
 
 
 def main(mode, seq=16384, **overrides):
-    kwargs = dict(num_q_heads=8, num_kv_heads=8, rope_fraction=0.5, **overrides)
+    kwargs = {**dict(num_q_heads=8, num_kv_heads=8, rope_fraction=0.5), **overrides}
     cfg = CCAConfig(d_model=2048, head_dim=128, **kwargs)
     params = cast_tree(init_cca_params(jax.random.key(0), cfg), jnp.bfloat16)
     rng = np.random.default_rng(0)

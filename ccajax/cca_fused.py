@@ -28,22 +28,22 @@ FUSED_PROLOGUES = ("jnp", "mosaic")
 def default_prologue(cfg: CCAConfig, dtype) -> str:
     """The prologue `cca.cca_attention` uses when none is named.
 
-    - "mosaic" (the sm90 kernel) on a Hopper GPU for head_dim 128 and the configs and dtypes
-      the kernel takes. Measured on an H200 (2026-11-30,
-      benchmarks/results/layers_h200_2026-11-30_16k.json, S=16k causal): the CCA C=2 layer
-      forward 1.48 ms vs 1.64 with the jnp prologue, forward+backward 5.70 vs 6.10 ms; faster
-      in every cell timed. Under a mesh it runs per device over the batch (checked on CPU
-      devices with a stand-in; not yet run on several GPUs). Head dim 64 lowers but has not
-      been run on a GPU.
-    - "jnp" (the XLA-fused path) on other GPUs and for the rest: in `small` training (d=64) on
-      an H200 it ran 1-4% more tokens/s than "plain" on one and two GPUs (2026-11-30).
+    - "mosaic" (the sm90 kernel) on a Hopper GPU for the configs and dtypes the kernel takes
+      (`prologue_sm90.unsupported_reason`). Measured on an H200 (2026-11-30): the CCA C=2
+      layer at S=16k causal (d=128) forward 1.48 ms vs 1.64 with the jnp prologue,
+      forward+backward 5.70 vs 6.10 ms, faster in every cell timed
+      (benchmarks/results/layers_h200_2026-11-30_16k.json); `small` training (d=64) 43.3% MFU
+      vs 39.7% with "jnp" (benchmarks/results/train_small_h200_2026-11-30_loss.json). Under a
+      mesh it runs per device over the batch (checked on CPU devices with a stand-in).
+    - "jnp" (the XLA-fused path) on other GPUs and for configs the kernel does not take: in
+      `small` training on an H200 it ran 1-4% more tokens/s than "plain" on one and two GPUs.
     - "plain" (the reference functions) off the GPU.
     """
     if jax.default_backend() != "gpu":
         return "plain"
     from ccajax.attention import on_hopper  # imports Pallas' sm90 helpers: GPU only
 
-    if on_hopper() and cfg.head_dim == 128:
+    if on_hopper():
         from ccajax.pallas.prologue_sm90 import unsupported_reason
 
         if unsupported_reason(cfg, dtype) is None:

@@ -115,8 +115,9 @@ def test_default_is_plain_off_gpu(rng):
 
 
 def test_default_prologue_follows_the_measurements(monkeypatch):
-    """mosaic on Hopper for d=128 and the kernel's dtypes (under a mesh too: it splits the
-    batch); jnp on other GPUs, for d=64 or float32; plain on the CPU."""
+    """mosaic on Hopper for the kernel's configs and dtypes (under a mesh too: it splits the
+    batch); jnp on other GPUs, for float32 or rotary dims the kernel does not take; plain on
+    the CPU."""
     cfg = CCAConfig(d_model=1024, num_q_heads=4, num_kv_heads=2, head_dim=128)
     assert default_prologue(cfg, jnp.bfloat16) == "plain"  # CI runs on the CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -125,6 +126,8 @@ def test_default_prologue_follows_the_measurements(monkeypatch):
     assert default_prologue(cfg, jnp.float16) == "mosaic"
     assert default_prologue(cfg, jnp.float32) == "jnp"
     assert default_prologue(CCAConfig(d_model=512, num_q_heads=4, num_kv_heads=2, head_dim=64),
-                            jnp.bfloat16) == "jnp"
+                            jnp.bfloat16) == "mosaic"
+    assert default_prologue(CCAConfig(d_model=512, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                                      rope_fraction=0.125), jnp.bfloat16) == "jnp"
     monkeypatch.setattr(attention, "on_hopper", lambda: False)
     assert default_prologue(cfg, jnp.bfloat16) == "jnp"

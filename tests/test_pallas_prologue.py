@@ -199,19 +199,22 @@ def test_bad_inputs_name_the_problem(rng):
         mosaic_prologue(p.astype(jnp.float32), *args[1:], cfg)
     with pytest.raises(ValueError, match=r"conv True \(3, 2\)"):
         mosaic_prologue(*args, CCAConfig(256, 2, 2, 64, conv_kernel_sizes=(3, 2)))
+    with pytest.raises(ValueError, match="8 rotary dims"):
+        mosaic_prologue(*args, CCAConfig(256, 2, 2, 64, rope_fraction=0.125))
     with pytest.raises(ValueError, match="p must be"):
         mosaic_prologue(p[:, :, :3], *args[1:], cfg)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu",
                     reason="compiles the kernel for a real Hopper GPU; CPU runs use interpret mode above")
+@pytest.mark.parametrize("head_dim", [128, 64])
 @pytest.mark.parametrize("name", ["ccgqa-zaya1-segments", "cca-full-rope-exp-temp"])
-def test_compiled_on_gpu(rng, name):
-    """Realistic shapes (8:2 / 8:8 heads, d=128, S=1000 with a tail) through the GPU build, values
-    and gradients (the backward kernels); layouts are only checked by the real compiler."""
+def test_compiled_on_gpu(rng, name, head_dim):
+    """Realistic shapes (8:2 / 8:8 heads, d=128 or 64, S=1000 with a tail) through the GPU build,
+    values and gradients (the backward kernels); layouts are only checked by the real compiler."""
     kwargs, _, segmented, _ = CONFIGS[name]
     kwargs = dict(kwargs, num_q_heads=8, num_kv_heads=2 if "ccgqa" in name else 8)
-    cfg, params, p, positions = _setup(rng, kwargs, 1000, segmented, 2, head_dim=128)
+    cfg, params, p, positions = _setup(rng, kwargs, 1000, segmented, 2, head_dim=head_dim)
     args = _args(cfg, params, p, positions)
     q, k = jax.jit(lambda *a: mosaic_prologue(*a, cfg))(*args)
     ref_q, ref_k = _reference(cfg, *args)

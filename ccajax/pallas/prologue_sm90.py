@@ -29,18 +29,17 @@ Kernel layout
   before the segment start); conv0 at t and t-1 (c0[t-1] = b0 at a segment start, the spec's
   bias semantics), stored as bf16 into two swizzled operand tiles, then conv1 = two wgmmas.
   y = c1 + b1 + mean.
-* RoPE needs y with its halves swapped: y is split as bf16 hi + lo (exact to ~2^-16) and
-  multiplied by the signed permutation matrix on the tensor cores (two more wgmmas), since wgmma
-  operands (not register shuffles) are what the interpreter and the GPU both take. cos/sin are
-  computed in the kernel from position * inv_freq (the reference's float32 angles), reduced
-  modulo 2 pi and fed to the approximate sin/cos (`_rope_angle` says why).
-* out = (y cos + rot(y) sin) * sqrt(d) / ||y|| (* temperature for keys), rounded once, TMA-stored.
+* RoPE (`_rope`) works on column slices of y: in the WGMMA layout a thread holds every 8-column
+  block of its rows, so the rotated halves y[:, :r/2] and y[:, r/2:r] sit in the same thread and
+  slicing them is register renaming (hence rotary dims a multiple of 16). cos/sin are computed
+  once per (row, frequency), (64, r/2), from position * inv_freq (the reference's float32
+  angles), reduced modulo 2 pi and fed to the approximate sin/cos (`_rope_angle` says why).
+* out = rope(y) * sqrt(d) / ||y|| (* temperature for keys), rounded once, TMA-stored.
 
 Backward
 --------
 * dy kernel, same grid and recompute (one partner slot, to fit SMEM): with g = dL/dout, RoPE
-  transposed is g cos + (g R^T) sin (R pairs columns of one frequency; g R^T is exact, one
-  wgmma), then the norm's backward gives dy = dL/dy. It writes dy (16-bit), the conv1 operands
+  transposed (`_rope` with sin negated: the rotation by -angle), then the norm's backward gives dy = dL/dy. It writes dy (16-bit), the conv1 operands
   c0[t-1], c0[t] (for dW1 = c0^T dy, one batched XLA matmul) and per-tile column sums for
   d b0, d w0, d b1 and the temperature (dc0 = dy W1^T by two wgmmas with transposed W1 views).
 * du kernel, grid as above: the conv's mirror image, looking ahead. dL/dc0[t] = dy[t] W1[1]^T +
@@ -63,7 +62,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.config import CCAConfig, rotary_dims
 from ccajax.pallas.sm90_common import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, over_batch, pad_axis,
-                                       round_up)
+                                       round_up, vary_like)
 from ccajax.pallas.sm90_pipeline import col_vec, matmul, row_vec, tile_transforms
 
 BLOCK_ROWS = 64  # one warpgroup's wgmma tile
@@ -84,6 +83,10 @@ def unsupported_reason(cfg: CCAConfig, dtype) -> str | None:
         return f"dtype {jnp.dtype(dtype)} (needs bfloat16 or float16)"
     if cfg.head_dim not in SUPPORTED_HEAD_DIMS:
         return f"head_dim {cfg.head_dim} (needs one of {SUPPORTED_HEAD_DIMS})"
+    rotary = rotary_dims(cfg.head_dim, cfg.rope_fraction)
+    if rotary % 16:
+        return (f"{rotary} rotary dims (rope_fraction {cfg.rope_fraction} of head_dim "
+                f"{cfg.head_dim}; the kernel rotates a multiple of 16 dims)")
     if not cfg.use_conv or cfg.conv_kernel_sizes != (2, 2):
         return (f"conv {cfg.use_conv} {cfg.conv_kernel_sizes} "
                 "(the kernel does the (2, 2) convolution)")
@@ -118,26 +121,13 @@ def _temperature(temp, cfg: CCAConfig):
     return jnp.exp(t) if cfg.temperature_form == "exp" else t
 
 
-def rotate_half_matrix(head_dim: int, rotary: int, dtype) -> jnp.ndarray:
-    """(d, d) signed permutation R with (y @ R) = rotate_half(y) on the first ``rotary`` dims
-    (-y[j + r/2] for j < r/2, y[j - r/2] for r/2 <= j < r) and 0 beyond."""
-    half = rotary // 2
-    j = jnp.arange(head_dim)
-    r = jnp.zeros((head_dim, head_dim), jnp.float32)
-    r = r.at[j[:half] + half, j[:half]].set(-1.0)
-    r = r.at[j[half:rotary] - half, j[half:rotary]].set(1.0)
-    return r.astype(dtype)
-
-
 def _kernel_inputs(p, conv, temp, positions, segment_positions, cfg: CCAConfig):
     """What the forward and dy kernels read, sequences zero-padded to a block multiple (a copy
-    only when S is not one): p, positions, segment positions, head vectors, W1, R."""
+    only when S is not one): p, positions, segment positions, head vectors, W1."""
     seq_pad = round_up(p.shape[1], BLOCK_ROWS)
-    rotary = rotary_dims(cfg.head_dim, cfg.rope_fraction)
     return (pad_axis(p, 1, seq_pad), pad_axis(positions.astype(jnp.int32), 1, seq_pad),
             pad_axis(segment_positions.astype(jnp.int32), 1, seq_pad),
-            head_vectors(conv, temp, cfg), conv["w1"].astype(p.dtype),
-            rotate_half_matrix(cfg.head_dim, rotary, p.dtype))
+            head_vectors(conv, temp, cfg), conv["w1"].astype(p.dtype))
 
 
 # --- in-kernel pieces shared by the forward and the backward kernels ----------------------------
@@ -223,31 +213,29 @@ class _Partners:
 
 def _conv_scratch(d, dtype, partner_slots):
     """Scratch of the conv recompute (`_start_conv` / `_conv_y`), d=128: 3 lag buffers 48 KB,
-    2 operand tiles 32, partner slots 16 each, 2 conv1 taps 64, R 32, vectors 4."""
+    2 operand tiles 32, partner slots 16 each, 2 conv1 taps 64, vectors 4."""
     tiled = tile_transforms()
     return dict(
         lag_smem=plgpu.SMEM((LAGS, BLOCK_ROWS, d), dtype),
         op_smem=plgpu.SMEM((2, BLOCK_ROWS, d), dtype, transforms=tiled),
         part_smem=plgpu.SMEM((partner_slots, BLOCK_ROWS, d), dtype, transforms=tiled),
         w1_smem=plgpu.SMEM((2, d, d), dtype, transforms=tiled),
-        rot_smem=plgpu.SMEM((d, d), dtype, transforms=tiled),
         vec_smem=plgpu.SMEM((_VEC_ROWS, d), jnp.float32),
         pos_smem=plgpu.SMEM((BLOCK_ROWS,), jnp.int32),
         segpos_smem=plgpu.SMEM((BLOCK_ROWS,), jnp.int32),
         lag_barrier=plgpu.Barrier(num_arrivals=LAGS),
         part_barriers=plgpu.Barrier(num_barriers=partner_slots),
-        const_barrier=plgpu.Barrier(num_arrivals=6),  # 2 conv1 taps, R, vectors, ids
+        const_barrier=plgpu.Barrier(num_arrivals=5),  # 2 conv1 taps, vectors, ids
     )
 
 
 def _start_conv(in_refs, sc, cfg: CCAConfig):
     """Issues the copies of the conv recompute; returns the q-k mean partners (None without)."""
-    p_ref, pos_ref, segpos_ref, vec_ref, w1_ref, rot_ref = in_refs
+    p_ref, pos_ref, segpos_ref, vec_ref, w1_ref = in_refs
     h, block, b, s0, is_q = _tile_position(cfg.num_q_heads)
     rows = BLOCK_ROWS
     for tap in range(2):
         plgpu.copy_gmem_to_smem(w1_ref.at[tap, h], sc["w1_smem"].at[tap], sc["const_barrier"])
-    plgpu.copy_gmem_to_smem(rot_ref, sc["rot_smem"], sc["const_barrier"])
     plgpu.copy_gmem_to_smem(vec_ref.at[h], sc["vec_smem"], sc["const_barrier"])
     plgpu.copy_gmem_to_smem(pos_ref.at[b, pl.ds(s0, rows)], sc["pos_smem"], sc["const_barrier"])
     plgpu.copy_gmem_to_smem(segpos_ref.at[b, pl.ds(s0, rows)], sc["segpos_smem"],
@@ -308,7 +296,8 @@ _TWO_PI_LO = 2 * math.pi - _TWO_PI_HI
 
 
 def _rope_angle(sc, shape):
-    """position * inv_freq per element (the reference's float32 angles), reduced to [0, 2 pi).
+    """position * inv_freq (the reference's float32 angles) of the first shape[1] columns,
+    reduced to [0, 2 pi).
 
     The kernels compile with approximate math (`_COMPILER_PARAMS`): sin.approx / cos.approx
     are accurate (~1e-6) only near [-pi, pi], and the accurate sinf / cosf they replace cost
@@ -317,9 +306,26 @@ def _rope_angle(sc, shape):
     Truncation towards zero gives [0, 2 pi) for the usual angles >= 0, and (-2 pi, 0] for
     negative positions, where the approximate sin/cos are as accurate."""
     pos = _per_row(row_vec(sc["pos_smem"]), shape).astype(jnp.float32)
-    angle = pos * _column(sc["vec_smem"], 5, shape)
+    angle = pos * lax.broadcast_in_dim(col_vec(sc["vec_smem"].at[5, pl.ds(0, shape[1])]),
+                                       shape, [1])
     turns = (angle * (1.0 / (2 * math.pi))).astype(jnp.int32).astype(jnp.float32)
     return (angle - turns * _TWO_PI_HI) - turns * _TWO_PI_LO
+
+
+def _rope(y, sc, rotary, inverse=False):
+    """RoPE (or with ``inverse`` its transpose, the rotation by -angle) on the first ``rotary``
+    columns of y (64, d) float32: [y1 cos - y2 sin, y2 cos + y1 sin, rest] for the halves y1, y2.
+    Column slices at multiples of 8 of a WGMMA-layout array are register renaming."""
+    if not rotary:
+        return y
+    half = rotary // 2
+    angle = _rope_angle(sc, (y.shape[0], half))
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    if inverse:
+        sin = -sin
+    y1, y2 = y[:, :half], y[:, half:rotary]
+    parts = [y1 * cos - y2 * sin, y2 * cos + y1 * sin]
+    return jnp.concatenate(parts + ([y[:, rotary:]] if rotary < y.shape[1] else []), axis=1)
 
 
 def _inv_norm(y):
@@ -350,22 +356,10 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig):
 
         # --- normalise, temperature, RoPE --------------------------------------------------
         inv_norm = _inv_norm(y)
-        out = y
-        if rotary:
-            # rotate_half(y) = y @ R on the tensor cores, y split as bf16 hi + lo (exact to
-            # ~2^-16); conv1's wgmmas are done (their result was read), so op_smem is free.
-            y_hi = y.astype(dtype)
-            op_smem.at[0][...] = y_hi
-            op_smem.at[1][...] = (y - y_hi.astype(jnp.float32)).astype(dtype)
-            plgpu.commit_smem()
-            rot_smem = sc["rot_smem"]
-            y_rot = _matmul2(op_smem.at[0], rot_smem, op_smem.at[1], rot_smem, shape)
-            angle = _rope_angle(sc, shape)
-            out = y * jnp.cos(angle) + y_rot * jnp.sin(angle)
-        out = out * _per_row(inv_norm, shape) * _column(sc["vec_smem"], 4, shape)
+        out = _rope(y, sc, rotary) * _per_row(inv_norm, shape) * _column(sc["vec_smem"], 4, shape)
 
         # --- store ---------------------------------------------------------------------------
-        out_smem = op_smem.at[0]  # the rotation's wgmmas are done: their result was read
+        out_smem = op_smem.at[0]  # conv1's wgmmas are done: their result was read
         out_smem[...] = out.astype(dtype)
         plgpu.commit_smem()
 
@@ -425,14 +419,9 @@ def _dy_kernel(inputs, d_q, d_k, cfg: CCAConfig):
         inv_norm = _per_row(_inv_norm(y), shape)
         y_hat = y * inv_norm
 
-        # RoPE transposed: gy = g cos + (g sin) R^T = g cos + (g R^T) sin, since R only pairs
-        # columns of one frequency; g R^T permutes 16-bit values, so one wgmma is exact.
         plgpu.barrier_wait(g_barrier)
-        gy = plgpu.load(g_smem, layout=_WGMMA).astype(jnp.float32)
-        if rotary:
-            g_rot = matmul(g_smem, sc["rot_smem"].transpose((1, 0)), shape)
-            angle = _rope_angle(sc, shape)
-            gy = gy * jnp.cos(angle) + g_rot * jnp.sin(angle)
+        gy = _rope(plgpu.load(g_smem, layout=_WGMMA).astype(jnp.float32), sc, rotary,
+                   inverse=True)
         scale_grad = gy * y_hat  # out = scale * rope(y_hat): d(scale) sums these
         gy = gy * _column(sc["vec_smem"], 4, shape)
         # The norm's backward: d(y / |y|) = (g - y_hat (y_hat . g)) / |y|.
@@ -456,8 +445,8 @@ def _dy_kernel(inputs, d_q, d_k, cfg: CCAConfig):
         plgpu.copy_smem_to_gmem(sums_smem, sums_ref.at[h, b, block])
         plgpu.wait_smem_to_gmem(0)
 
-    # SMEM at d=128: the conv recompute with one partner slot 196.5 KB + g/dy tile 16 + sums 2.5
-    # = 215 KB, plus Mosaic's 2 KB reduction scratch: under the 227 KB limit with one slot.
+    # SMEM at d=128: the conv recompute with one partner slot 164.5 KB + g/dy tile 16 + sums 2.5
+    # = 183 KB, plus Mosaic's 2 KB reduction scratch.
     scratch = _conv_scratch(d, dtype, 1)
     scratch.update(g_smem=plgpu.SMEM((rows, d), dtype, transforms=tile_transforms()),
                    g_barrier=plgpu.Barrier(num_arrivals=1),
@@ -613,11 +602,13 @@ def _run(interpret, fn, *args):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _prologue(p, conv, temp, positions, segment_positions, cfg, interpret):
-    return _run(interpret, prologue_fwd, p, conv, temp, positions, segment_positions, cfg)
+    return _prologue_fwd(p, conv, temp, positions, segment_positions, cfg, interpret)[0]
 
 
 def _prologue_fwd(p, conv, temp, positions, segment_positions, cfg, interpret):
     out = _run(interpret, prologue_fwd, p, conv, temp, positions, segment_positions, cfg)
+    # Typed varying like p under `over_batch`: else shard_map's transpose sums the cotangents.
+    out = tuple(vary_like(o, p) for o in out)
     return out, (p, conv, temp, positions, segment_positions)
 
 
@@ -625,7 +616,9 @@ def _prologue_bwd(cfg, interpret, residuals, d_out):
     p, conv, temp, positions, segment_positions = residuals
     dp, dconv, dtemp = _run(interpret, prologue_bwd, p, conv, temp, positions,
                             segment_positions, *d_out, cfg)
-    return dp, dconv, dtemp, None, None
+    # Under `over_batch`, conv and temp are varying: the cast makes shard_map sum their gradients.
+    return (vary_like(dp, p), jax.tree.map(vary_like, dconv, conv),
+            None if temp is None else vary_like(dtemp, temp), None, None)
 
 
 _prologue.defvjp(_prologue_fwd, _prologue_bwd)
