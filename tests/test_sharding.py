@@ -68,13 +68,28 @@ import ccajax.pallas.attention as pallas_attention
 from ccajax import models, sharding, training
 from ccajax.attention import dot_product_attention, reference_attention
 
-# The kernel itself is replaced by the reference (the CPU interpreter of Mosaic GPU kernels cannot
-# run on two CPU devices at once); what is checked is the batch each call of it sees.
+# The kernels are replaced by the reference (the CPU interpreter of Mosaic GPU kernels cannot
+# run on two CPU devices at once), inside their real custom VJPs; what is checked is the batch
+# each call sees and the gradients. Like a Pallas kernel, a stand-in sees and returns arrays
+# without shard_map's varying mesh axes (a callback drops them) and computes on the local rows
+# only: the custom VJP must restore the types, else shard_map's transpose sums the cotangents
+# over the devices or a parameter's gradient misses that sum (both seen on 2026-11-30).
+def like_a_kernel(tree):
+    return jax.tree.map(lambda a: a if a is None else jax.pure_callback(
+        lambda x: x, jax.ShapeDtypeStruct(a.shape, a.dtype), a), tree)
 seen = []
-def kernel_stand_in(q, k, v, segment_ids, is_causal, scale, interpret):
+def attention_fwd_stand_in(q, k, v, *, is_causal, scale, segment_ids):
     seen.append(q.shape[0])
-    return reference_attention(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids)
-pallas_attention._attention = kernel_stand_in
+    q, k, v, segment_ids = like_a_kernel((q, k, v, segment_ids))
+    out = reference_attention(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids)
+    return out, jnp.zeros(q.shape[:3], jnp.float32)  # the backward stand-in needs no lse
+def attention_bwd_stand_in(q, k, v, out, lse, d_out, *, is_causal, scale, segment_ids):
+    q, k, v, d_out, segment_ids = like_a_kernel((q, k, v, d_out, segment_ids))
+    _, vjp = jax.vjp(lambda q, k, v: reference_attention(
+        q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids), q, k, v)
+    return vjp(d_out)
+pallas_attention.attention_fwd = attention_fwd_stand_in
+pallas_attention.attention_bwd = attention_bwd_stand_in
 
 rng = np.random.default_rng(0)
 q = jnp.asarray(rng.normal(size=(8, 16, 4, 64)), jnp.float32)
@@ -140,12 +155,23 @@ np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.f
 import ccajax.pallas.prologue_sm90 as prologue_sm90
 from ccajax import CCAConfig, init_cca_params
 from ccajax.cca_fused import fused_prologue
-def prologue_stand_in(p, conv, temp, positions, segment_positions, cfg, interpret):
-    seen.append(p.shape[0])
+# The CCA prologue's kernels likewise (stand-ins as above).
+def reference_prologue(p, conv, temp, positions, segment_positions, cfg):
     u = p[:, :, :cfg.num_q_heads + cfg.num_kv_heads].astype(jnp.float32)
     f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
-    return fused_prologue(f32(conv), f32(temp), u, cfg, positions, segment_positions)
-prologue_sm90._prologue = prologue_stand_in
+    q, k = fused_prologue(f32(conv), f32(temp), u, cfg, positions, segment_positions)
+    return q.astype(p.dtype), k.astype(p.dtype)
+def prologue_fwd_stand_in(p, conv, temp, positions, segment_positions, cfg):
+    seen.append(p.shape[0])
+    return reference_prologue(*like_a_kernel((p, conv, temp, positions, segment_positions)), cfg)
+def prologue_bwd_stand_in(p, conv, temp, positions, segment_positions, d_q, d_k, cfg):
+    p, conv, temp, positions, segment_positions, d_q, d_k = like_a_kernel(
+        (p, conv, temp, positions, segment_positions, d_q, d_k))
+    _, vjp = jax.vjp(lambda *a: reference_prologue(*a, positions, segment_positions, cfg),
+                     p, conv, temp)
+    return vjp((d_q, d_k))
+prologue_sm90.prologue_fwd = prologue_fwd_stand_in
+prologue_sm90.prologue_bwd = prologue_bwd_stand_in
 pcfg = CCAConfig(d_model=128, num_q_heads=2, num_kv_heads=1, head_dim=64)
 params = init_cca_params(jax.random.key(0), pcfg, jnp.bfloat16)  # the kernel takes 16-bit inputs
 p = jnp.asarray(rng.normal(size=(8, 16, 4, 64)), jnp.bfloat16)

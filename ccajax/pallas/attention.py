@@ -16,7 +16,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.pallas.attention_bwd_sm90 import attention_bwd
 from ccajax.pallas.attention_fwd_sm90 import attention_fwd
-from ccajax.pallas.sm90_common import over_batch
+from ccajax.pallas.sm90_common import over_batch, vary_like
 
 
 def mosaic_attention(q, k, v, *, is_causal: bool = False, scale: float | None = None,
@@ -50,24 +50,19 @@ def _attention(q, k, v, segment_ids, is_causal, scale, interpret):
 def _attention_fwd(q, k, v, segment_ids, is_causal, scale, interpret):
     with _interpreted(interpret):
         out, lse = attention_fwd(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids)
+    # Typed varying like q under `over_batch`: else shard_map's transpose sums the cotangents.
+    out = vary_like(out, q)
     return out, (q, k, v, segment_ids, out, lse)
-
-
-def _vary_like(x, like):
-    """Inside shard_map, a cotangent may arrive, and a kernel's output may leave, without the
-    varying mesh axes of the primal it belongs to; custom_vjp requires them to match."""
-    missing = tuple(jax.typeof(like).manual_axis_type.varying - jax.typeof(x).manual_axis_type.varying)
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _attention_bwd(is_causal, scale, interpret, residuals, d_out):
     q, k, v, segment_ids, out, lse = residuals
-    d_out = _vary_like(d_out, out).astype(out.dtype)
+    d_out = vary_like(d_out, out).astype(out.dtype)
     with _interpreted(interpret):
         grads = attention_bwd(q, k, v, out, lse, d_out, is_causal=is_causal, scale=scale,
                               segment_ids=segment_ids)
     # Integer segment ids have no cotangent.
-    return (*(_vary_like(g, x) for g, x in zip(grads, (q, k, v))), None)
+    return (*(vary_like(g, x) for g, x in zip(grads, (q, k, v))), None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
