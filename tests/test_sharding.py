@@ -170,6 +170,7 @@ def prologue_bwd_stand_in(p, conv, temp, positions, segment_positions, d_q, d_k,
     _, vjp = jax.vjp(lambda *a: reference_prologue(*a, positions, segment_positions, cfg),
                      p, conv, temp)
     return vjp((d_q, d_k))
+real_prologue_bwd = prologue_sm90.prologue_bwd
 prologue_sm90.prologue_fwd = prologue_fwd_stand_in
 prologue_sm90.prologue_bwd = prologue_bwd_stand_in
 pcfg = CCAConfig(d_model=128, num_q_heads=2, num_kv_heads=1, head_dim=64)
@@ -188,6 +189,23 @@ assert seen == [8, 2], seen
 for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # bf16 sums in another order
     g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
     np.testing.assert_allclose(g, w, rtol=2e-2, atol=2e-2 * np.abs(w).max())
+
+# prologue_bwd's own XLA ops (dW1, the temperature's chain rule) on kernel-typed values: the two
+# backward kernels stubbed by zeros of their output types; only the tracing is checked (the
+# temperature's chain rule once failed on 2 H200s on kernel outputs).
+def dy_stub(inputs, d_q, d_k, cfg):
+    b, s, _, d = inputs[0].shape
+    h = cfg.num_q_heads + cfg.num_kv_heads
+    return like_a_kernel((jnp.zeros((h, b, s, d), inputs[0].dtype),
+                          jnp.zeros((h, b, s, 2, d), inputs[0].dtype),
+                          jnp.zeros((h, b, s // 64, 5, d), jnp.float32)))
+def du_stub(dy, segpos_next, vecs, w1, cfg):
+    h, b, s, d = dy.shape
+    return like_a_kernel(jnp.zeros((b, s, h, d), dy.dtype))
+prologue_sm90._dy_kernel, prologue_sm90._du_kernel = dy_stub, du_stub
+prologue_sm90.prologue_bwd = real_prologue_bwd
+with jax.set_mesh(mesh):  # a new jit: the one above has its trace cached
+    jax.jit(jax.grad(prologue_loss, (0, 1, 2)))(p, params["conv"], params["qk_norm"]["temp"])
 print("OK")
 """
 

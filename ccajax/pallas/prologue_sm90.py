@@ -587,7 +587,7 @@ def prologue_bwd(p, conv, temp, positions, segment_positions, d_q, d_k, cfg: CCA
         # out scale = sqrt(d) * temperature(temp) on the k heads.
         d_scale = sums[cfg.num_q_heads:, 4].sum(axis=-1)
         _, temp_vjp = jax.vjp(lambda t: _temperature(t, cfg), temp.astype(f32))
-        dtemp = temp_vjp(d_scale * d ** 0.5)[0].astype(temp.dtype)
+        dtemp = temp_vjp(vary_like(d_scale * d ** 0.5, temp))[0].astype(temp.dtype)
     dp = jnp.pad(du[:, :seq], ((0, 0), (0, 0), (0, num_p_heads - heads), (0, 0)))
     return dp, dconv, dtemp
 
