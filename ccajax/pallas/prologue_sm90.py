@@ -20,7 +20,7 @@ Kernel layout
   buffers (block 0 copies rows [0, 64 - lag) to buffer rows [lag, 64); the rows before stay
   unwritten and are masked below), the q-k mean partners through two slots (a q head reads its k
   head G times, a k head its G q heads, so both sum G tiles and divide by G), the two conv1 taps
-  of the head, the rotate-half matrix, the head's per-channel vectors and the rows' positions.
+  of the head, the head's per-channel vectors and the rows' positions.
   Tiled (swizzled) tiles are only filled from tile-aligned rows: Mosaic's layout inference rejects
   a TMA into a tiled tile from a row offset it cannot prove a multiple of 8. Shifted rows are
   shifted by the copy, not by the load: WGMMA-layout loads of an untiled buffer at row offsets 7
