@@ -5,14 +5,15 @@ with the same interface); Flax NNX modules in ``ccajax.modules``; ZAYA1 weight i
 ``ccajax.convert``; cost accounting in ``ccajax.costs``; the attention dispatch in
 ``ccajax.attention``; per-layer decoding (KV caches, prefill, decode steps) in ``ccajax.decode`` and
 ``generate`` for any model with the decode protocol; a decoder-only language model built from any
-of these attentions in ``ccajax.models`` (``LMConfig``, ``TransformerLM``, ``attention_config``).
+of these attentions in ``ccajax.models`` (``LMConfig``, ``TransformerLM``, ``attention_config``),
+trained with ``ccajax.training`` and its large-vocabulary loss ``ccajax.losses.cross_entropy``.
 
 Shapes: layers map x (B, S, E) -> (B, S, E) in x's dtype (or the module's ``dtype``); attention
 takes q (B, Sq, Hq, d), k (B, Sk, Hkv, d), v (B, Sk, Hkv, dv). ``notebooks/quickstart.ipynb`` walks
 through all of it.
 """
 
-from ccajax import attention, convert, costs, decode, models
+from ccajax import attention, convert, costs, decode, losses, models
 from ccajax.attention import dot_product_attention
 from ccajax.cca import cca_attention, cca_qkv, init_cca_params
 from ccajax.config import CCAConfig, MHAConfig, MLAConfig
@@ -24,7 +25,7 @@ from ccajax.modules import (CCAttention, MultiHeadAttention, MultiLatentAttentio
                             attention_module)
 
 __all__ = [
-    "attention", "convert", "costs", "decode", "models", "generate",
+    "attention", "convert", "costs", "decode", "losses", "models", "generate",
     "CCAConfig", "MHAConfig", "MLAConfig",
     "init_cca_params", "cca_attention", "cca_qkv",
     "init_mha_params", "mha_attention", "init_mla_params", "mla_attention",
