@@ -22,7 +22,8 @@ def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarra
 
     Args:
       logits: (..., V) float, any float dtype (reduced in float32).
-      targets: (...) int labels in [0, V).
+      targets: (...) int labels in [0, V); a label outside gives a NaN ce (select such
+        positions away, as `ccajax.training.lm_loss` does with its mask).
     Returns:
       (ce, log_z), each (...) float32: ``log_z = logsumexp(logits)``, ``ce = log_z -
       logits[target]``. Both are differentiable in ``logits`` (a z-loss ``log_z**2`` included).

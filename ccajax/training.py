@@ -96,8 +96,11 @@ def lm_loss(model: TransformerLM, batch: dict, *, z_loss: float = 0.0, moe_aux_w
     tokens = jnp.sum(mask)
     denom = jnp.maximum(tokens, 1.0)
     ce, log_z = cross_entropy(logits, batch["targets"])
-    ce = jnp.sum(ce * mask) / denom
-    z = jnp.sum(log_z ** 2 * mask) / denom
+    # A select, not a product: a masked target outside the vocabulary (e.g. an ignore id of
+    # -100) has a NaN cross-entropy, which must not reach the sum.
+    counted = mask > 0
+    ce = jnp.sum(jnp.where(counted, ce * mask, 0.0)) / denom
+    z = jnp.sum(jnp.where(counted, log_z ** 2 * mask, 0.0)) / denom
     total = ce + z_loss * z + moe_aux_weight * moe_aux
     return total, {"loss": ce, "z_loss": z, "moe_aux": moe_aux, "tokens": tokens}
 

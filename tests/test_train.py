@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from ccajax import models, sharding, training
 from experiments import plot, train
@@ -86,6 +87,30 @@ def test_train_step_shapes_and_loss_decreases():
     assert jax.tree.structure(after) == jax.tree.structure(params_before)
     assert jax.tree.all(jax.tree.map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype == np.float32,
                                      after, params_before))
+
+
+def test_masked_targets_outside_the_vocabulary_do_not_count():
+    """A masked target of -100 (PyTorch's ignore index) or >= V leaves loss and gradients as if
+    those positions were absent; an unmasked one makes the loss NaN, not a plausible number."""
+    att = models.attention_config("mha", d_model=16, num_heads=2, head_dim=8)
+    cfg = models.LMConfig(vocab_size=32, num_layers=1, attention=att, mlp_dim=32, dtype="float32")
+    model = models.TransformerLM(cfg, rngs=nnx.Rngs(0))
+    tokens = np.random.default_rng(1).integers(0, 32, (2, 9)).astype(np.int32)
+    mask = np.ones((2, 8), np.float32)
+    mask[0, 5:] = 0
+    targets = tokens[:, 1:].copy()
+    batch = {"inputs": tokens[:, :-1], "targets": targets, "loss_mask": mask}
+    bad = dict(batch, targets=np.where(mask > 0, targets, np.array([-100, 32, 99])[np.arange(8) % 3]))
+
+    def loss_and_grads(b):
+        return nnx.value_and_grad(lambda m: training.lm_loss(m, b, z_loss=1e-2)[0])(model)
+
+    (want, want_g), (got, got_g) = loss_and_grads(batch), loss_and_grads(bad)
+    assert np.isfinite(float(got)) and float(got) == pytest.approx(float(want), rel=1e-6)
+    for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
+    unmasked = dict(bad, loss_mask=np.ones((2, 8), np.float32))
+    assert np.isnan(float(training.lm_loss(model, unmasked)[0]))
 
 
 def test_decay_mask_and_schedule():
