@@ -153,6 +153,7 @@ np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.f
 # The CCA prologue kernel likewise; its conv parameters and key temperature go whole to every
 # device, and their gradients are summed over the devices.
 import ccajax.pallas.prologue_sm90 as prologue_sm90
+from jax.sharding import PartitionSpec as P
 from ccajax import CCAConfig, init_cca_params
 from ccajax.cca_fused import fused_prologue
 # The CCA prologue's kernels likewise (stand-ins as above).
@@ -187,6 +188,20 @@ with jax.set_mesh(mesh):
     got = grads(p, params["conv"], params["qk_norm"]["temp"])
 assert seen == [8, 2], seen
 for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # bf16 sums in another order
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    np.testing.assert_allclose(g, w, rtol=2e-2, atol=2e-2 * np.abs(w).max())
+
+# Inside a user's own shard_map (no mesh in context, so no over_batch split): the conv and
+# temperature gradients are still summed over the devices.
+def local_loss(p, conv, temp):
+    pos = jnp.broadcast_to(jnp.arange(p.shape[1], dtype=jnp.int32), p.shape[:2])
+    q, k = prologue_sm90.mosaic_prologue(p, conv, temp, pos, pos, pcfg)
+    loss = (q * jnp.arange(64.0)).sum() + (k ** 2).sum()
+    return jax.lax.psum(loss, ("data", "fsdp"))
+user_sharded = jax.shard_map(local_loss, mesh=mesh, in_specs=(P(("data", "fsdp")), P(), P()),
+                             out_specs=P())
+got = jax.jit(jax.value_and_grad(user_sharded, (0, 1, 2)))(p, params["conv"], params["qk_norm"]["temp"])
+for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
     np.testing.assert_allclose(g, w, rtol=2e-2, atol=2e-2 * np.abs(w).max())
 

@@ -649,6 +649,13 @@ def mosaic_prologue(p, conv: dict, temp, positions, segment_positions, cfg: CCAC
         raise ValueError(f"p must be (B, S, Hp >= Hq+Hkv = {cfg.num_q_heads + cfg.num_kv_heads}, "
                          f"d = {cfg.head_dim}); got p.shape={p.shape}")
     # Per device over the batch under a mesh; conv and temp go whole to every device.
-    return over_batch(lambda p, pos, seg, conv, temp: _prologue(p, conv, temp, pos, seg, cfg,
-                                                                interpret),
-                      p, positions, segment_positions, replicated=(conv, temp))
+    return over_batch(lambda p, pos, seg, conv, temp: _prologue(
+        p, *_vary_params_like(p, conv, temp), pos, seg, cfg, interpret),
+        p, positions, segment_positions, replicated=(conv, temp))
+
+
+def _vary_params_like(p, conv, temp):
+    """conv and temp typed varying over p's varying mesh axes (inside `over_batch`'s or a
+    user's shard_map): the transpose of that cast sums their gradients over the devices, which
+    the kernels' per-device gradients need. A no-op outside shard_map."""
+    return jax.tree.map(lambda a: vary_like(a, p), (conv, temp))

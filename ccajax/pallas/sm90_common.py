@@ -44,11 +44,11 @@ def over_batch(kernel, *args, replicated=()):
     the batch and run it replicated on every device. With a mesh in context (`jax.set_mesh`, as
     `ccajax.training.jit_steps` traces), it runs under `jax.shard_map` over the batch instead:
     each device on its own rows, with no communication in the forward. ``replicated`` (pytrees,
-    e.g. parameters) go whole to every device and enter the kernel marked varying over the
-    batch axes (`jax.lax.pcast`), so that the transpose of that cast sums their per-device
-    gradients. A differentiable kernel's custom VJP must type its outputs and gradients
-    `vary_like` their batch-sharded inputs (an output typed invariant would have its
-    cotangents summed over the devices by shard_map's transpose). Without a
+    e.g. parameters) go whole to every device. A differentiable kernel must type, with
+    `vary_like`: its outputs and gradients like their batch-sharded inputs (an output typed
+    invariant would have its cotangents summed over the devices by shard_map's transpose), and
+    replicated parameters like the batch-sharded inputs before its custom VJP (the transpose of
+    that cast sums their per-device gradients). Without a
     mesh (or on one device) this is ``kernel(*args, *replicated)``. None args pass through.
     """
     axes = batch_axes(next(a for a in args if a is not None).shape[0])
@@ -60,7 +60,6 @@ def over_batch(kernel, *args, replicated=()):
         full = list(args)
         for i, a in zip(given, local):
             full[i] = a
-        whole = jax.tree.map(lambda a: jax.lax.pcast(a, axes, to="varying"), whole)
         return kernel(*full, *whole)
 
     spec = PartitionSpec(axes)
@@ -74,9 +73,8 @@ def vary_like(x, like):
     """x with the varying mesh axes of ``like`` (inside shard_map).
 
     A Pallas kernel's outputs carry no varying axes, and a cotangent may arrive without them,
-    while custom_vjp requires each gradient to have its primal's type. Without the cast a
-    kernel's gradient of a parameter cast to varying by `over_batch` would also skip the sum
-    over devices (2026-11-30: the CCA prologue's backward failed this check on 2 H200s)."""
+    while custom_vjp requires each gradient to have its primal's type (2026-11-30: the CCA
+    prologue's backward failed this check on 2 H200s)."""
     missing = tuple(jax.typeof(like).manual_axis_type.varying - jax.typeof(x).manual_axis_type.varying)
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
