@@ -51,6 +51,9 @@ flags.DEFINE_list("bwd_impls", ["cudnn", "mosaic"], "Attention kernels to try fo
 flags.DEFINE_list("prologues", ["jnp", "mosaic"], "CCA prologues to try (`cca_attention`'s).")
 flags.DEFINE_integer("breakdown_seq", 16384, "S of the breakdown (B=1).")
 flags.DEFINE_integer("breakdown_compression", 2, "C of the breakdown's CCA layer (2: 8:8, 4: 4:4).")
+flags.DEFINE_list("breakdown_pieces", [],
+                  "Time only the breakdown's pieces whose name contains one of these substrings "
+                  "('parity' for the accuracy check; default: all), so that one device call fits.")
 flags.DEFINE_integer("parity_seq", 4096, "S of the breakdown's accuracy check against float32.")
 flags.DEFINE_integer("repeats", 5, "Median of this many syncs.")
 flags.DEFINE_float("target_ms", 40.0,
@@ -257,8 +260,12 @@ def breakdown():
     mha = configs(True)["MHA 16:16"]
     for impl in FLAGS.impls:
         pieces[f"MHA 16:16 layer {impl}"] = (layer_fn(mha, impl), inputs(mha, batch, seq))
-    rows = [{"parity": parity(FLAGS.parity_seq)}]
+    wanted = lambda name: not FLAGS.breakdown_pieces or any(  # noqa: E731
+        part in name for part in FLAGS.breakdown_pieces)
+    rows = [{"parity": parity(FLAGS.parity_seq)}] if wanted("parity") else []
     for name, (fn, args) in pieces.items():
+        if not wanted(name):
+            continue
         fns = lambda: fwd_and_grad(fn, args, tuple(range(len(args))))  # noqa: E731
         row = {"piece": name, "fwd": timed(lambda: fns()[0], *args),
                "fwdbwd": timed(lambda: fns()[1], *args)}
