@@ -31,11 +31,11 @@ def default_prologue(cfg: CCAConfig, dtype) -> str:
     """The prologue `cca.cca_attention` uses when none is named.
 
     - "mosaic" (the sm90 kernel) on a Hopper GPU for the configs and dtypes the kernel takes
-      (`prologue_sm90.unsupported_reason`), with no multi-device mesh in context. Measured on an H200 (2026-11-30): the CCA C=2
-      layer at S=16k causal (d=128) forward 1.48 ms vs 1.64 with the jnp prologue,
-      forward+backward 5.70 vs 6.10 ms, faster in every cell timed
-      (benchmarks/results/layers_h200_2026-11-30_16k.json); `small` training (d=64) 43.3% MFU
-      vs 39.7% with "jnp" (benchmarks/results/train_small_h200_2026-11-30_loss.json).
+      (`prologue_sm90.unsupported_reason`), with no multi-device mesh in context. Measured on
+      an H200 (2026-11-30): the CCA C=2 layer at S=16k causal (d=128) forward 1.50 ms vs 1.61
+      with the jnp prologue, forward+backward 5.72 vs 6.02 ms, faster in every cell timed
+      (benchmarks/results/layers_h200_2026-11-30_16k_causal_v2.json); `small` training (d=64)
+      43.3% MFU vs 39.7% with "jnp" (benchmarks/results/train_small_h200_2026-11-30_loss.json).
       `prologue="mosaic"` does run per device under a mesh (`over_batch`; types and gradient
       sums checked on CPU devices with stand-ins), but on 2 H200s XLA's compile of the `small`
       train step with it ended in a segmentation fault (2026-11-30, not yet diagnosed), so the

@@ -39,9 +39,10 @@ Kernel layout
 Backward
 --------
 * dy kernel, same grid and recompute (one partner slot, to fit SMEM): with g = dL/dout, RoPE
-  transposed (`_rope` with sin negated: the rotation by -angle), then the norm's backward gives dy = dL/dy. It writes dy (16-bit), the conv1 operands
-  c0[t-1], c0[t] (for dW1 = c0^T dy, one batched XLA matmul) and per-tile column sums for
-  d b0, d w0, d b1 and the temperature (dc0 = dy W1^T by two wgmmas with transposed W1 views).
+  transposed (`_rope` with sin negated: the rotation by -angle), then the norm's backward gives
+  dy = dL/dy. It writes dy (16-bit), the conv1 operands c0[t-1], c0[t] (for dW1 = c0^T dy, one
+  batched XLA matmul) and per-tile column sums for d b0, d w0, d b1 and the temperature
+  (dc0 = dy W1^T by two wgmmas with transposed W1 views).
 * du kernel, grid as above: the conv's mirror image, looking ahead. dL/dc0[t] = dy[t] W1[1]^T +
   m1[t+1] dy[t+1] W1[0]^T and du[t] = w0[1] dL/dc0[t] + w0[0] m1[t+1] dL/dc0[t+1] (m1[t]: t is
   not a segment start) need dy at rows t+1, t+2: copied shifted by TMA into untiled buffers (the
