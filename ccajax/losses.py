@@ -22,8 +22,9 @@ def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarra
 
     Args:
       logits: (..., V) float, any float dtype (reduced in float32).
-      targets: (...) int labels in [0, V); a label outside gives a NaN ce (select such
-        positions away, as `ccajax.training.lm_loss` does with its mask).
+      targets: (...) int labels in [0, V); a label outside, negative ones included (no
+        wrap-around), gives a NaN ce: select such positions away, as `ccajax.training.lm_loss`
+        does with its mask.
     Returns:
       (ce, log_z), each (...) float32: ``log_z = logsumexp(logits)``, ``ce = log_z -
       logits[target]``. Both are differentiable in ``logits`` (a z-loss ``log_z**2`` included).
@@ -35,7 +36,9 @@ def _forward(logits, targets):
     wide = logits.astype(jnp.float32)
     top = wide.max(axis=-1, keepdims=True)  # for range only: the VJP is `_backward`'s
     log_z = jnp.log(jnp.exp(wide - top).sum(axis=-1)) + top[..., 0]
-    picked = jnp.take_along_axis(wide, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    targets = targets.astype(jnp.int32)
+    picked = jnp.take_along_axis(wide, targets[..., None], axis=-1, mode="clip")[..., 0]
+    picked = jnp.where((targets >= 0) & (targets < logits.shape[-1]), picked, jnp.nan)
     return (log_z - picked, log_z), (logits, targets, log_z)
 
 

@@ -90,8 +90,9 @@ def test_train_step_shapes_and_loss_decreases():
 
 
 def test_masked_targets_outside_the_vocabulary_do_not_count():
-    """A masked target of -100 (PyTorch's ignore index) or >= V leaves loss and gradients as if
-    those positions were absent; an unmasked one makes the loss NaN, not a plausible number."""
+    """A masked target outside [0, V) (-1, PyTorch's ignore index -100, >= V) leaves loss and
+    gradients as if those positions were absent; an unmasked one makes the loss NaN, not a
+    plausible number (a negative id does not wrap around to a valid one)."""
     att = models.attention_config("mha", d_model=16, num_heads=2, head_dim=8)
     cfg = models.LMConfig(vocab_size=32, num_layers=1, attention=att, mlp_dim=32, dtype="float32")
     model = models.TransformerLM(cfg, rngs=nnx.Rngs(0))
@@ -100,7 +101,8 @@ def test_masked_targets_outside_the_vocabulary_do_not_count():
     mask[0, 5:] = 0
     targets = tokens[:, 1:].copy()
     batch = {"inputs": tokens[:, :-1], "targets": targets, "loss_mask": mask}
-    bad = dict(batch, targets=np.where(mask > 0, targets, np.array([-100, 32, 99])[np.arange(8) % 3]))
+    outside = np.array([-1, -100, 32, 99])[np.arange(8) % 4]
+    bad = dict(batch, targets=np.where(mask > 0, targets, outside))
 
     def loss_and_grads(b):
         return nnx.value_and_grad(lambda m: training.lm_loss(m, b, z_loss=1e-2)[0])(model)
@@ -109,8 +111,9 @@ def test_masked_targets_outside_the_vocabulary_do_not_count():
     assert np.isfinite(float(got)) and float(got) == pytest.approx(float(want), rel=1e-6)
     for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
-    unmasked = dict(bad, loss_mask=np.ones((2, 8), np.float32))
-    assert np.isnan(float(training.lm_loss(model, unmasked)[0]))
+    for wrong in (-1, 32):
+        unmasked = dict(batch, targets=np.where(np.arange(8) == 3, wrong, targets))
+        assert np.isnan(float(training.lm_loss(model, unmasked)[0])), wrong
 
 
 def test_decay_mask_and_schedule():
