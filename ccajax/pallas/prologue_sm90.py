@@ -617,7 +617,7 @@ def _prologue_bwd(cfg, interpret, residuals, d_out):
     p, conv, temp, positions, segment_positions = residuals
     dp, dconv, dtemp = _run(interpret, prologue_bwd, p, conv, temp, positions,
                             segment_positions, *d_out, cfg)
-    # Under `over_batch`, conv and temp are varying: the cast makes shard_map sum their gradients.
+    # conv and temp arrive varying (`_vary_params_like`): their gradients must be typed so too.
     return (vary_like(dp, p), jax.tree.map(vary_like, dconv, conv),
             None if temp is None else vary_like(dtemp, temp), None, None)
 

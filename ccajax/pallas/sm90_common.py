@@ -48,8 +48,8 @@ def over_batch(kernel, *args, replicated=()):
     `vary_like`: its outputs and gradients like their batch-sharded inputs (an output typed
     invariant would have its cotangents summed over the devices by shard_map's transpose), and
     replicated parameters like the batch-sharded inputs before its custom VJP (the transpose of
-    that cast sums their per-device gradients). Without a
-    mesh (or on one device) this is ``kernel(*args, *replicated)``. None args pass through.
+    that cast sums their per-device gradients). Without a mesh (or on one device) this is
+    ``kernel(*args, *replicated)``. None args pass through.
     """
     axes = batch_axes(next(a for a in args if a is not None).shape[0])
     if not axes:
