@@ -15,6 +15,10 @@ per sync for short calls, fewer for long ones (`--target_ms` of device work per 
 
 Breakdown (``--mode=breakdown``): the pieces of one CCA layer at S=16k B=1 (plain path and fused
 path: projections, prologue, attention, out-projection), forward and forward+backward.
+
+Kernels (``--mode=kernels``): for each of ``--methods`` at the first of ``--seq_lens`` and
+``--causal``, every variant's forward+backward as device time per kernel (a `jax.profiler` trace,
+`benchmarks/kernel_profile.py`) beside its wall time: which kernels a layer's latency is made of.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks.kernel_profile import kernel_times
 from benchmarks.timing import device_name, time_call
 from ccajax import cca, cca_fused, costs
 from ccajax._common import cast_tree
@@ -40,7 +45,7 @@ from ccajax.pallas.prologue_sm90 import mosaic_prologue
 from ccajax.rope import default_positions
 
 flags.DEFINE_string("out", "benchmarks/results/layers.json", "Where to write the JSON results.")
-flags.DEFINE_enum("mode", "sweep", ["sweep", "breakdown"], "What to time.")
+flags.DEFINE_enum("mode", "sweep", ["sweep", "breakdown", "kernels"], "What to time.")
 flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384", "32768", "65536"],
                   "Sequence lengths.")
 flags.DEFINE_integer("tokens", 16384, "Batch is max(1, tokens // S).")
@@ -277,6 +282,33 @@ def breakdown():
     return rows
 
 
+def kernels():
+    """Device time per kernel of each variant's forward+backward (see the module docstring)."""
+    seq, causal = int(FLAGS.seq_lens[0]), FLAGS.causal[0] == "1"
+    batch = max(1, FLAGS.tokens // seq)
+    rows = []
+    for name, cfg in configs(causal).items():
+        if FLAGS.methods and name not in FLAGS.methods:
+            continue
+        params, x = inputs(cfg, batch, seq)
+        for impl, pro in variants(cfg, "fwdbwd"):
+            step = fwd_and_grad(layer_fn(cfg, impl, pro or "jnp"), (params, x), (0, 1))[1]
+            row = dict(method=name, seq=seq, batch=batch, causal=causal, impl=impl, prologue=pro,
+                       wall=timed(lambda: step, params, x))
+            try:
+                row["kernels"] = kernel_times(step, params, x)
+            except Exception as e:  # noqa: BLE001 - record why the trace could not be read
+                row["kernels_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+            save(rows)
+            busy = sum(k["ms"] for k in row.get("kernels", []))
+            print(f"{name} {impl}/{pro} fwd+bwd: wall {row['wall'].get('ms', float('nan')):.3f} ms,"
+                  f" kernels {busy:.3f} ms {row.get('kernels_error', '')}", flush=True)
+            for k in row.get("kernels", [])[:14]:
+                print(f"  {k['ms']:7.3f} ms x{k['launches']:<4g} {k['kernel'][:100]}", flush=True)
+    return rows
+
+
 def save(rows):
     """Writes the JSON (after every row, so a run cut short keeps what it measured)."""
     result = dict(device=device_name(), date=datetime.date.today().isoformat(), jax=jax.__version__,
@@ -289,7 +321,7 @@ def save(rows):
 
 def main(argv):
     del argv
-    rows = breakdown() if FLAGS.mode == "breakdown" else sweep()
+    rows = {"sweep": sweep, "breakdown": breakdown, "kernels": kernels}[FLAGS.mode]()
     save(rows)
     print(f"wrote {FLAGS.out}")
 
