@@ -14,8 +14,6 @@ Same maths as the spec (`../shared/CCA_SPEC.md`), same segment semantics as `cca
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -31,27 +29,22 @@ def default_prologue(cfg: CCAConfig, dtype) -> str:
     """The prologue `cca.cca_attention` uses when none is named.
 
     - "mosaic" (the sm90 kernel) on a Hopper GPU for the configs and dtypes the kernel takes
-      (`prologue_sm90.unsupported_reason`), with no multi-device mesh in context. Measured on
-      an H200 (2026-11-30): the CCA C=2 layer at S=16k causal (d=128) forward 1.50 ms vs 1.61
-      with the jnp prologue, forward+backward 5.72 vs 6.02 ms, faster in every cell timed
-      (benchmarks/results/layers_h200_2026-11-30_16k_causal_v2.json); `small` training (d=64)
-      43.3% MFU vs 39.7% with "jnp" (benchmarks/results/train_small_h200_2026-11-30_loss.json).
-      `prologue="mosaic"` does run per device under a mesh (`over_batch`; types and gradient
-      sums checked on CPU devices with stand-ins), but on 2 H200s XLA's compile of the `small`
-      train step with it ended in a segmentation fault (2026-11-30, not yet diagnosed), so the
-      default keeps away from meshes.
-    - "jnp" (the XLA-fused path) on other GPUs, under a multi-device mesh and for configs the
-      kernel does not take: in `small` training on an H200 it ran 1-4% more tokens/s than
-      "plain" on one and two GPUs.
+      (`prologue_sm90.unsupported_reason`); under a mesh it runs per device (`over_batch`).
+      Measured on H200s (2026-11-30): the CCA C=2 layer at S=16k causal (d=128) forward 1.50 ms
+      vs 1.61 with the jnp prologue, forward+backward 5.72 vs 6.02 ms, faster in every cell
+      timed (benchmarks/results/layers_h200_2026-11-30_16k_causal_v2.json); `small` training
+      (d=64) 43.3% MFU vs 39.7% with "jnp" on one GPU
+      (benchmarks/results/train_small_h200_2026-11-30_loss.json), and on two GPUs 1,885,229
+      tokens/s vs 1,718,743 with "jnp" (benchmarks/results/train_small_h200x2_2026-11-30.json).
+    - "jnp" (the XLA-fused path) on other GPUs and for configs the kernel does not take: in
+      `small` training on an H200 it ran 1-4% more tokens/s than "plain" on one and two GPUs.
     - "plain" (the reference functions) off the GPU.
     """
     if jax.default_backend() != "gpu":
         return "plain"
     from ccajax.attention import on_hopper  # imports Pallas' sm90 helpers: GPU only
 
-    mesh = jax.sharding.get_abstract_mesh()
-    sharded = not mesh.empty and math.prod(mesh.shape.values()) > 1
-    if on_hopper() and not sharded:
+    if on_hopper():
         from ccajax.pallas.prologue_sm90 import unsupported_reason
 
         if unsupported_reason(cfg, dtype) is None:

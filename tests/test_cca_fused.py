@@ -115,9 +115,8 @@ def test_default_is_plain_off_gpu(rng):
 
 
 def test_default_prologue_follows_the_measurements(monkeypatch):
-    """mosaic on Hopper for the kernel's configs and dtypes without a multi-device mesh; jnp on
-    other GPUs, under a mesh, for float32 or rotary dims the kernel does not take; plain on
-    the CPU."""
+    """mosaic on Hopper for the kernel's configs and dtypes, with or without a mesh; jnp on other
+    GPUs, for float32 or rotary dims the kernel does not take; plain on the CPU."""
     cfg = CCAConfig(d_model=1024, num_q_heads=4, num_kv_heads=2, head_dim=128)
     assert default_prologue(cfg, jnp.bfloat16) == "plain"  # CI runs on the CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -129,9 +128,7 @@ def test_default_prologue_follows_the_measurements(monkeypatch):
                             jnp.bfloat16) == "mosaic"
     assert default_prologue(CCAConfig(d_model=512, num_q_heads=4, num_kv_heads=2, head_dim=64,
                                       rope_fraction=0.125), jnp.bfloat16) == "jnp"
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
-        assert default_prologue(cfg, jnp.bfloat16) == "jnp"
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",))):
-        assert default_prologue(cfg, jnp.bfloat16) == "mosaic"
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2, 1), ("data", "fsdp"))):
+        assert default_prologue(cfg, jnp.bfloat16) == "mosaic"  # per device (`over_batch`)
     monkeypatch.setattr(attention, "on_hopper", lambda: False)
     assert default_prologue(cfg, jnp.bfloat16) == "jnp"

@@ -100,15 +100,17 @@ def head_vectors(conv: dict, temp, cfg: CCAConfig) -> jnp.ndarray:
     heads, d = cfg.num_q_heads + cfg.num_kv_heads, cfg.head_dim
     f32 = jnp.float32
     w0 = conv["w0"].astype(f32).reshape(2, heads, d)
-    scale = jnp.full((heads,), d ** 0.5, f32)
-    if temp is not None:
-        scale = scale.at[cfg.num_q_heads:].multiply(_temperature(temp, cfg))
+    # Concatenations, not `.at[]` updates: under `over_batch` these ops run inside shard_map,
+    # and a scatter's empty index constant there (full RoPE: `.at[:d].set`) crashed XLA's
+    # GPU compile of a 2-GPU train step (2026-11-30, segmentation fault in shardy-xla).
+    key_scale = jnp.ones((cfg.num_kv_heads,), f32) if temp is None else _temperature(temp, cfg)
+    scale = d ** 0.5 * jnp.concatenate([jnp.ones((cfg.num_q_heads,), f32), key_scale])
     rotary = rotary_dims(d, cfg.rope_fraction)
     inv_freq = jnp.zeros((d,), f32)
     if rotary:
         # The same float32 expression as `ccajax.rope.apply_rope`, so the angles match exactly.
         freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, rotary, 2, dtype=f32) / rotary))
-        inv_freq = inv_freq.at[:rotary].set(jnp.tile(freq, 2))
+        inv_freq = jnp.pad(jnp.tile(freq, 2), (0, d - rotary))
     rows = [w0[0], w0[1], conv["b0"].astype(f32).reshape(heads, d),
             conv["b1"].astype(f32).reshape(heads, d), jnp.broadcast_to(scale[:, None], (heads, d)),
             jnp.broadcast_to(inv_freq, (heads, d))]

@@ -62,11 +62,17 @@ def over_batch(kernel, *args, replicated=()):
             full[i] = a
         return kernel(*full, *whole)
 
+    mesh = jax.sharding.get_abstract_mesh()
     spec = PartitionSpec(axes)
-    return jax.shard_map(per_device, mesh=jax.sharding.get_abstract_mesh(),
+    # Manual over every automatic axis, also those that do not split the batch (size 1, or
+    # left out): in a partly manual body every op of the kernel's wrapper gets a sharding
+    # constraint for the other axes (130 in a 1-layer train step on a (data=2, fsdp=1) mesh)
+    # and XLA would partition those ops over them; the kernel runs whole per device anyway.
+    manual = frozenset(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                       if kind == AxisType.Auto)
+    return jax.shard_map(per_device, mesh=mesh,
                          in_specs=((spec,) * len(given), PartitionSpec()), out_specs=spec,
-                         axis_names=frozenset(axes))(tuple(args[i] for i in given),
-                                                     tuple(replicated))
+                         axis_names=manual)(tuple(args[i] for i in given), tuple(replicated))
 
 
 def vary_like(x, like):
