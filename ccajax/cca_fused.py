@@ -35,7 +35,8 @@ def default_prologue(cfg: CCAConfig, dtype) -> str:
       timed (benchmarks/results/layers_h200_2026-11-30_16k_causal_v2.json); `small` training
       (d=64) 43.3% MFU vs 39.7% with "jnp" on one GPU
       (benchmarks/results/train_small_h200_2026-11-30_loss.json), and on two GPUs 1,885,229
-      tokens/s vs 1,718,743 with "jnp" (benchmarks/results/train_small_h200x2_2026-11-30_kernel_prologue.json).
+      tokens/s vs 1,718,743 with "jnp"
+      (benchmarks/results/train_small_h200x2_2026-11-30_kernel_prologue.json).
     - "jnp" (the XLA-fused path) on other GPUs and for configs the kernel does not take: in
       `small` training on an H200 it ran 1-4% more tokens/s than "plain" on one and two GPUs.
     - "plain" (the reference functions) off the GPU.
