@@ -1,11 +1,22 @@
 """SPMD on a (data=2, fsdp=2) mesh of 4 CPU devices: a train step equals the single-device step,
 and the Pallas attention, decode and CCA prologue kernels run per device on the batch rather than
-replicated."""
+replicated; on a (data=2, fsdp=1) mesh of 2, the kernels lower for the GPU free of what once
+crashed XLA's compile of a 2-GPU train step."""
 
 import subprocess
 import sys
 
 from tests.test_train import ROOT, SUBPROCESS_ENV
+
+
+def run_on_cpu_devices(script: str, devices: int) -> None:
+    """Runs ``script`` in a fresh process on ``devices`` CPU devices; it must print OK."""
+    env = SUBPROCESS_ENV | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": SUBPROCESS_ENV["XLA_FLAGS"]
+                            + f" --xla_force_host_platform_device_count={devices}"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
 
 SCRIPT = r"""
 import jax, numpy as np
@@ -54,11 +65,7 @@ print("OK", sharded_losses)
 
 
 def test_sharded_step_equals_single_device_step():
-    env = SUBPROCESS_ENV | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": SUBPROCESS_ENV["XLA_FLAGS"]
-                            + " --xla_force_host_platform_device_count=4"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+    run_on_cpu_devices(SCRIPT, 4)
 
 
 KERNEL_SCRIPT = r"""
@@ -226,11 +233,7 @@ print("OK")
 
 
 def test_pallas_kernels_run_per_device_under_a_mesh():
-    env = SUBPROCESS_ENV | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": SUBPROCESS_ENV["XLA_FLAGS"]
-                            + " --xla_force_host_platform_device_count=4"}
-    out = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+    run_on_cpu_devices(KERNEL_SCRIPT, 4)
 
 
 PARTLY_SPLIT_SCRIPT = r"""
@@ -266,8 +269,4 @@ print("OK")
 
 
 def test_kernels_on_a_partly_split_mesh_lower_to_what_the_gpu_compiles():
-    env = SUBPROCESS_ENV | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": SUBPROCESS_ENV["XLA_FLAGS"]
-                            + " --xla_force_host_platform_device_count=2"}
-    out = subprocess.run([sys.executable, "-c", PARTLY_SPLIT_SCRIPT], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+    run_on_cpu_devices(PARTLY_SPLIT_SCRIPT, 2)
