@@ -246,8 +246,8 @@ from ccajax.pallas.prologue_sm90 import mosaic_prologue
 # The real kernels, lowered for the GPU on a (data=2, fsdp=1) mesh, as the 2-GPU `small` run
 # has it: the batch is split over "data" only. The shard_map is manual over both axes (else every
 # op of the kernels' wrappers gets a sharding constraint for "fsdp"), and with full RoPE the
-# prologue's head vectors hold no scatter with an empty index constant: XLA's GPU compile of that
-# train step crashed on one inside the shard_map (2026-11-30, segmentation fault in shardy-xla).
+# prologue's head vectors hold no scatter with an empty index constant: with one inside the
+# shard_map, XLA's GPU compile of that train step crashed (2026-11-30, shardy-xla segfault).
 cfg = CCAConfig(d_model=256, num_q_heads=2, num_kv_heads=1, head_dim=64, rope_fraction=1.0)
 params = init_cca_params(jax.random.key(0), cfg, jnp.bfloat16)
 mesh = sharding.make_mesh(data=2, fsdp=1)

@@ -100,9 +100,10 @@ def head_vectors(conv: dict, temp, cfg: CCAConfig) -> jnp.ndarray:
     heads, d = cfg.num_q_heads + cfg.num_kv_heads, cfg.head_dim
     f32 = jnp.float32
     w0 = conv["w0"].astype(f32).reshape(2, heads, d)
-    # Concatenations, not `.at[]` updates: under `over_batch` these ops run inside shard_map,
-    # and a scatter's empty index constant there (full RoPE: `.at[:d].set`) crashed XLA's
-    # GPU compile of a 2-GPU train step (2026-11-30, segmentation fault in shardy-xla).
+    # Concatenations, not `.at[]` updates: under `over_batch` these ops run inside shard_map.
+    # With a scatter there (full RoPE's `.at[:d].set`, whose empty index constant entered the
+    # shard_map) XLA's GPU compile of a 2-GPU train step crashed (2026-11-30, segmentation
+    # fault in shardy-xla); without it the step compiles and trains.
     key_scale = jnp.ones((cfg.num_kv_heads,), f32) if temp is None else _temperature(temp, cfg)
     scale = d ** 0.5 * jnp.concatenate([jnp.ones((cfg.num_q_heads,), f32), key_scale])
     rotary = rotary_dims(d, cfg.rope_fraction)
