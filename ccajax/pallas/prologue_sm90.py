@@ -41,8 +41,9 @@ Backward
 * dy kernel, same grid and recompute (one partner slot, to fit SMEM): with g = dL/dout, RoPE
   transposed (`_rope` with sin negated: the rotation by -angle), then the norm's backward gives
   dy = dL/dy. It writes dy (16-bit), the conv1 operands c0[t-1], c0[t] (for dW1 = c0^T dy, one
-  batched XLA matmul) and per-tile column sums for d b0, d w0, d b1 and the temperature
-  (dc0 = dy W1^T by two wgmmas with transposed W1 views).
+  batched XLA matmul), per-row sums y_hat . g (the out scale's gradient, for the temperature)
+  and per-tile column sums for d w0 (dc0 = dy W1^T by two wgmmas with transposed W1 views). XLA
+  takes d b1 as the sum of dy, d b0 as that sum times (W1[0] + W1[1])^T, and sums the rest.
 * du kernel, grid as above: the conv's mirror image, looking ahead. dL/dc0[t] = dy[t] W1[1]^T +
   m1[t+1] dy[t+1] W1[0]^T and du[t] = w0[1] dL/dc0[t] + w0[0] m1[t+1] dL/dc0[t+1] (m1[t]: t is
   not a segment start) need dy at rows t+1, t+2: copied shifted by TMA into untiled buffers (the
@@ -70,9 +71,10 @@ BLOCK_ROWS = 64  # one warpgroup's wgmma tile
 LAGS = 3  # conv0 at t and t-1 reads rows t, t-1, t-2
 PARTNER_SLOTS = 2  # q-k mean partner tiles in flight in the forward (G of them pass through)
 _VEC_ROWS = 8  # per-head vectors: w0 older tap, w0 current tap, b0, b1, out scale, inv_freq
-# Per-CTA column sums of the dy kernel, one row each: d b0, d w0 current tap, d w0 older tap,
-# d b1, and d(out scale) (summed over the columns in XLA).
-_SUM_ROWS = 5
+# Per-CTA column sums of the dy kernel, one row each: d w0 current tap, d w0 older tap. (Sums
+# over a tile's rows are the kernel's dearest step: the other parameters' sums come from dy and
+# per-row sums in XLA.)
+_SUM_ROWS = 2
 _WGMMA = plgpu.Layout.WGMMA
 # Fast sin/cos/sqrt (see `_rope_angle`); the outputs are 16-bit.
 _COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True)
@@ -395,16 +397,17 @@ def _dy_kernel(inputs, d_q, d_k, cfg: CCAConfig):
     """dy = dL/dy (y: conv1 + b1 + mean, before the norm), recomputing y per tile.
 
     Returns dy (H, B, S_pad, d) and the conv1 operands c0 (H, B, S_pad, 2, d) [c0[t-1], c0[t]],
-    both 16-bit, head-major for the dW1 matmul; and (H, B, S_pad/64, 5, d) float32 column sums
-    per tile: d b0, d w0[1], d w0[0], d b1, d(out scale)."""
+    both 16-bit, head-major for the dW1 matmul; (H, B, S_pad/64, 2, d) float32 column sums per
+    tile: d w0[1], d w0[0]; and (H, B, S_pad) float32 row sums of g . y_hat (with g after the
+    transposed RoPE): summed, the out scale's gradient."""
     p = inputs[0]
     batch, seq_pad, _, d = p.shape
     hq, heads = cfg.num_q_heads, cfg.num_q_heads + cfg.num_kv_heads
     rows, dtype = BLOCK_ROWS, p.dtype
     rotary = rotary_dims(d, cfg.rope_fraction)
 
-    def kernel(*refs, g_smem, g_barrier, sums_smem, **sc):
-        *in_refs, dq_ref, dk_ref, dy_ref, c0_ref, sums_ref = refs
+    def kernel(*refs, g_smem, g_barrier, sums_smem, row_smem, **sc):
+        *in_refs, dq_ref, dk_ref, dy_ref, c0_ref, sums_ref, row_ref = refs
         h, block, b, s0, is_q = _tile_position(hq)
         partners = _start_conv(in_refs, sc, cfg)
 
@@ -426,41 +429,42 @@ def _dy_kernel(inputs, d_q, d_k, cfg: CCAConfig):
         plgpu.barrier_wait(g_barrier)
         gy = _rope(plgpu.load(g_smem, layout=_WGMMA).astype(jnp.float32), sc, rotary,
                    inverse=True)
-        scale_grad = gy * y_hat  # out = scale * rope(y_hat): d(scale) sums these
-        gy = gy * _column(sc["vec_smem"], 4, shape)
-        # The norm's backward: d(y / |y|) = (g - y_hat (y_hat . g)) / |y|.
-        dy = inv_norm * (gy - y_hat * _per_row((y_hat * gy).sum(axis=1), shape))
-        sums_smem.at[3][...] = dy.sum(axis=0)
-        sums_smem.at[4][...] = scale_grad.sum(axis=0)
+        # out = scale * rope(y_hat): y_hat . gy is the row's share of d(scale) and, times the
+        # scale, the norm's backward term: d(y / |y|) = (g - y_hat (y_hat . g)) / |y|.
+        row_dot = (y_hat * gy).sum(axis=1)
+        row_smem[...] = row_dot
+        dy = (inv_norm * _column(sc["vec_smem"], 4, shape)) * (gy - y_hat * _per_row(row_dot, shape))
         g_smem[...] = dy.astype(dtype)  # g's wgmma is done (its result was read)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(g_smem, dy_ref.at[h, b, pl.ds(s0, rows)])
+        plgpu.copy_smem_to_gmem(row_smem, row_ref.at[h, b, pl.ds(s0, rows)])
 
         # dL/d c0[t-1] = dy W1[0]^T and dL/d c0[t] = dy W1[1]^T, row by row, give the conv0
-        # parameter sums (the same expressions as `_conv_y`'s c0 in the lags).
+        # weights' sums (the same expressions as `_conv_y`'s c0 in the lags).
         w1_smem = sc["w1_smem"]
         dc0_prev = matmul(g_smem, w1_smem.at[0].transpose((1, 0)), shape)
         dc0_cur = matmul(g_smem, w1_smem.at[1].transpose((1, 0)), shape)
         lags = _lags(sc, shape)
-        sums_smem.at[0][...] = (dc0_prev + dc0_cur).sum(axis=0)
-        sums_smem.at[1][...] = (dc0_prev * lags[1] + dc0_cur * lags[0]).sum(axis=0)
-        sums_smem.at[2][...] = (dc0_prev * lags[2] + dc0_cur * lags[1]).sum(axis=0)
+        sums_smem.at[0][...] = (dc0_prev * lags[1] + dc0_cur * lags[0]).sum(axis=0)
+        sums_smem.at[1][...] = (dc0_prev * lags[2] + dc0_cur * lags[1]).sum(axis=0)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(sums_smem, sums_ref.at[h, b, block])
         plgpu.wait_smem_to_gmem(0)
 
-    # SMEM at d=128: the conv recompute with one partner slot 164.5 KB + g/dy tile 16 + sums 2.5
-    # = 183 KB, plus Mosaic's 2 KB reduction scratch.
+    # SMEM at d=128: the conv recompute with one partner slot 164.5 KB + g/dy tile 16 + sums 1
+    # + row sums 0.25 = 182 KB, plus Mosaic's 2 KB reduction scratch.
     scratch = _conv_scratch(d, dtype, 1)
     scratch.update(g_smem=plgpu.SMEM((rows, d), dtype, transforms=tile_transforms()),
                    g_barrier=plgpu.Barrier(num_arrivals=1),
-                   sums_smem=plgpu.SMEM((_SUM_ROWS, d), jnp.float32))
+                   sums_smem=plgpu.SMEM((_SUM_ROWS, d), jnp.float32),
+                   row_smem=plgpu.SMEM((rows,), jnp.float32))
     blocks = seq_pad // rows
     return plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((heads, batch, seq_pad, d), dtype),
                   jax.ShapeDtypeStruct((heads, batch, seq_pad, 2, d), dtype),
-                  jax.ShapeDtypeStruct((heads, batch, blocks, _SUM_ROWS, d), jnp.float32)),
+                  jax.ShapeDtypeStruct((heads, batch, blocks, _SUM_ROWS, d), jnp.float32),
+                  jax.ShapeDtypeStruct((heads, batch, seq_pad), jnp.float32)),
         scratch_types=scratch,
         grid=(heads, blocks, batch),
         grid_names=("heads", "rows", "batch"),
@@ -567,9 +571,10 @@ def _du_kernel(dy, segpos_next, vecs, w1, cfg: CCAConfig):
 def prologue_bwd(p, conv, temp, positions, segment_positions, d_q, d_k, cfg: CCAConfig):
     """Gradients of `prologue_fwd`'s q', k' (cotangents d_q (B, S, Hq, d), d_k (B, S, Hkv, d)).
 
-    Two kernels and XLA: the dy kernel recomputes y and writes dy, the conv1 operands and
-    per-tile column sums; the du kernel turns dy into du with the conv's look-ahead halo; XLA
-    sums the column sums and forms dW1 = c0^T dy (one batched matmul).
+    Two kernels and XLA: the dy kernel recomputes y and writes dy, the conv1 operands, per-row
+    sums for the temperature and per-tile column sums for w0; the du kernel turns dy into du
+    with the conv's look-ahead halo; XLA adds the sums, takes d b1 = sum of dy and d b0 from it,
+    and forms dW1 = c0^T dy (one batched matmul).
     Returns (dp like p (value heads zero), dconv like conv, dtemp like temp or None).
     """
     batch, seq, num_p_heads, d = p.shape
@@ -577,19 +582,23 @@ def prologue_bwd(p, conv, temp, positions, segment_positions, d_q, d_k, cfg: CCA
     inputs = _kernel_inputs(p, conv, temp, positions, segment_positions, cfg)
     seq_pad = inputs[0].shape[1]
     d_q, d_k = (pad_axis(c.astype(p.dtype), 1, seq_pad) for c in (d_q, d_k))
-    dy, c0, sums = _dy_kernel(inputs, d_q, d_k, cfg)
+    dy, c0, sums, row_dots = _dy_kernel(inputs, d_q, d_k, cfg)
     du = _du_kernel(dy, next_segment_positions(inputs[2]), inputs[3], inputs[4], cfg)
 
     f32 = jnp.float32
-    sums = sums.sum(axis=(1, 2))  # (H, 5, d)
+    sums = sums.sum(axis=(1, 2))  # (H, 2, d)
     dw1 = jnp.einsum("hbsjc,hbso->jhco", c0, dy, preferred_element_type=f32)
-    dconv = {"w0": jnp.stack([sums[:, 2], sums[:, 1]]).reshape(2, heads * d),
-             "b0": sums[:, 0].reshape(-1), "w1": dw1, "b1": sums[:, 3].reshape(-1)}
+    # c1 = c0[t-1] W1[0] + c0[t] W1[1] + b1, and b0 is in both c0 rows at every t (at a segment
+    # start c0[t-1] is b0 itself): d b1 = sum_t dy[t], d b0 = d b1 (W1[0] + W1[1])^T.
+    d_b1 = dy.sum(axis=(1, 2), dtype=f32)  # (H, d); padded rows have dy = 0
+    d_b0 = jnp.einsum("ho,jhco->hc", d_b1, conv["w1"].astype(f32))
+    dconv = {"w0": jnp.stack([sums[:, 1], sums[:, 0]]).reshape(2, heads * d),
+             "b0": d_b0.reshape(-1), "w1": dw1, "b1": d_b1.reshape(-1)}
     dconv = {name: g.astype(conv[name].dtype) for name, g in dconv.items()}
     dtemp = None
     if temp is not None:
         # out scale = sqrt(d) * temperature(temp) on the k heads.
-        d_scale = sums[cfg.num_q_heads:, 4].sum(axis=-1)
+        d_scale = row_dots[cfg.num_q_heads:].sum(axis=(1, 2))
         _, temp_vjp = jax.vjp(lambda t: _temperature(t, cfg), temp.astype(f32))
         dtemp = temp_vjp(vary_like(d_scale * d ** 0.5, temp))[0].astype(temp.dtype)
     dp = jnp.pad(du[:, :seq], ((0, 0), (0, 0), (0, num_p_heads - heads), (0, 0)))
