@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks.peers import peers
 from benchmarks.timing import device_name, time_call
-from ccajax.attention import dot_product_attention
 
 flags.DEFINE_string("out", "benchmarks/results/attention.json", "Where to write the JSON results.")
 flags.DEFINE_list("seq_lens", ["1024", "4096", "16384", "32768"], "Sequence lengths.")
@@ -29,28 +29,6 @@ flags.DEFINE_integer("xla_max_seq", 4096, "XLA materialises S^2 scores: time it 
 flags.DEFINE_integer("repeats", 5, "Median of this many repeats of ten calls per sync.")
 FLAGS = flags.FLAGS
 HEAD_DIM = 128
-
-
-def _tokamax():
-    try:
-        import tokamax  # noqa: F401  (not on the GPU image: needs carried wheels)
-    except Exception as e:  # noqa: BLE001 - any import failure means: not available
-        return None, f"tokamax not importable ({type(e).__name__}: {e})"
-    return (lambda q, k, v, causal: tokamax.dot_product_attention(
-        q, k, v, is_causal=causal, implementation="mosaic")), None
-
-
-def peers():
-    """name -> attention(q, k, v, causal), and name -> why it is missing."""
-    fns = {impl: (lambda impl: lambda q, k, v, causal: dot_product_attention(
-        q, k, v, is_causal=causal, implementation=impl))(impl) for impl in ("mosaic", "cudnn", "xla")}
-    tokamax_fn, why = _tokamax()
-    missing = {}
-    if tokamax_fn is None:
-        missing["tokamax"] = why
-    else:
-        fns["tokamax"] = tokamax_fn
-    return fns, missing
 
 
 def measure(fn, q, k, v, causal, flops):

@@ -25,3 +25,16 @@ def time_call(fn, *args, calls_per_sync: int = 10, repeats: int = 7, warmup: int
 
 def device_name() -> str:
     return jax.devices()[0].device_kind
+
+
+def format_vs_cudnn(row) -> str:
+    """One line per cell of a tuning sweep: each entry's TF/s and its ratio to cuDNN's."""
+    res = row["results"]
+    base = res["cudnn"]["tflops"]
+    parts = [f"S={row['seq']} {row['hq']:>2}:{row['hkv']:<2} {'causal' if row['causal'] else 'full  '}"
+             f" cudnn {base:4.0f}"]
+    for name, r in res.items():
+        if name != "cudnn":
+            parts.append(f"{name} {r['tflops']:4.0f} ({r['tflops'] / base:.2f})" if "tflops" in r
+                         else f"{name} ERR")
+    return " | ".join(parts)

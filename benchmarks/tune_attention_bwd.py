@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks.timing import device_name, time_call
+from benchmarks.timing import device_name, format_vs_cudnn, time_call
 from ccajax.pallas.attention_bwd_sm90 import attention_bwd
 from ccajax.pallas.attention_fwd_sm90 import attention_fwd
 
@@ -79,25 +79,13 @@ def main(argv):
                 except Exception as e:  # noqa: BLE001 - record why a configuration failed
                     row["results"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
             rows.append(row)
-            print(format_row(row), flush=True)
+            print(format_vs_cudnn(row), flush=True)
     result = dict(device=device_name(), date=datetime.date.today().isoformat(),
                   jax=jax.__version__, configs={n: CONFIGS[n] for n in names},
                   method=f"median of {FLAGS.repeats} repeats of 10 calls per sync", rows=rows)
     with open(FLAGS.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {FLAGS.out}")
-
-
-def format_row(row) -> str:
-    res = row["results"]
-    base = res["cudnn"]["tflops"]
-    parts = [f"S={row['seq']} {row['hq']:>2}:{row['hkv']:<2} {'causal' if row['causal'] else 'full  '}"
-             f" cudnn {base:4.0f}"]
-    for name, r in res.items():
-        if name != "cudnn":
-            parts.append(f"{name} {r['tflops']:4.0f} ({r['tflops'] / base:.2f})" if "tflops" in r
-                         else f"{name} ERR")
-    return " | ".join(parts)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,16 @@ def test_block_sizes_and_unequal_lengths(rng, seq_q, seq_k, block_q, block_kv, d
                block_q=block_q, block_kv=block_kv)
 
 
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("options", [dict(early_k_wait=False), dict(oneway_pingpong=False)],
+                         ids=["k-wait-at-step-start", "rendezvous-pingpong"])
+def test_other_barrier_orders(rng, options, is_causal):
+    """The non-default barrier orders (the race detector checks them too); causal with 3 q
+    blocks, so warpgroups with fewer steps than their CTA flush the rest."""
+    _check(*_inputs(rng, jnp.bfloat16, 1, 300, 300, 2, 1, 64), is_causal=is_causal,
+           block_kv=64, **options)
+
+
 def test_causal_rows_without_keys_give_zero_and_minus_inf(rng):
     # Sq > Sk, causal: the first Sq - Sk queries precede every key.
     q, k, v = _inputs(rng, jnp.bfloat16, 1, 130, 70, 2, 1, 64)
@@ -237,8 +247,12 @@ GPU_CONFIGS = {
     "smem-p": dict(register_p=False),
     "no-pingpong": dict(pingpong=False),
     "1wg-b64": dict(block_q=64, block_kv=64, compute_wgs=1),
-    # 3 stages of 128-key tiles need 232568 B > 227 KiB of shared memory: use 64-key tiles.
     "3-stages-bkv64": dict(kv_stages=3, block_kv=64),
+    # Fits only without Mosaic's 2 KB reduction scratch (232568 B with it > 227 KiB), and not
+    # with segment ids (233592 B).
+    "3-stages": dict(kv_stages=3),
+    "late-k-wait": dict(early_k_wait=False),
+    "rendezvous-pingpong": dict(oneway_pingpong=False),
 }
 
 
@@ -251,6 +265,10 @@ def test_compiled_on_gpu(rng, config, is_causal, segments):
     # Register-resident P (the default on a GPU) cannot run in the interpreter: this is its test.
     q, k, v = _inputs(rng, jnp.bfloat16, 2, 1000, 1000, 8, 2, 128)
     ids = _packed_segment_ids(rng, 2, 1000, max_len=300) if segments else None
+    if segments and config == GPU_CONFIGS["3-stages"]:
+        with pytest.raises(ValueError, match="exceeds available shared memory"):
+            attention_fwd(q, k, v, is_causal=is_causal, scale=None, segment_ids=ids, **config)
+        return
     out, lse = attention_fwd(q, k, v, is_causal=is_causal, scale=None, segment_ids=ids, **config)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     ref = np.asarray(reference_attention(*f32, is_causal=is_causal, segment_ids=ids))
@@ -258,3 +276,20 @@ def test_compiled_on_gpu(rng, config, is_causal, segments):
     np.testing.assert_allclose(np.asarray(lse), _reference_lse(q, k, is_causal=is_causal,
                                                               scale=128 ** -0.5, segment_ids=ids),
                                atol=LSE_TOL, rtol=LSE_TOL)
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["nosegs", "segs"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_lowers_for_the_gpu(is_causal, segments):
+    """Mosaic's lowering of the GPU build (register P, 8:2, d=128) on a CPU-only jaxlib: it
+    rejects what the interpreter accepts, e.g. a Python-int bound inside a wgmma's `run_state`
+    body (static kv step counts: no causal mask)."""
+    q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((2, 1000), jnp.int32) if segments else None
+
+    def forward(q, k, v, ids):
+        return attention_fwd(q, k, v, is_causal=is_causal, scale=None, segment_ids=ids,
+                             register_p=True)
+
+    jax.jit(forward).trace(q, k, k, ids).lower(lowering_platforms=("cuda",))

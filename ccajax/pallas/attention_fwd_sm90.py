@@ -24,8 +24,10 @@ Kernel layout
 * Compute warpgroups (registers raised to 232): each TMA-copies its own 64 q rows, then per kv
   step waits k, runs S = q k^T (wgmma into a zero ``plgpu.ACC`` in ``pl.run_scoped``), releases k,
   applies the mask if needed, online softmax in fp32 (log2 domain, ``exp2``), waits v and runs
-  acc += P v, releasing v. With ``pingpong`` the two warpgroups hand a shared barrier back and
-  forth so that one's softmax overlaps the other's matmuls (FA3 ping-pong).
+  acc += P v, releasing v (the next step's k wait is issued while that wgmma runs). With
+  ``pingpong`` the two warpgroups take turns on the tensor cores (each waits on its own barrier
+  before P v and passes the turn on after issuing q k^T), so that one's softmax overlaps the
+  other's matmuls (FA3 ping-pong).
 * P operand: with ``register_p`` (the GPU default) P stays in registers as the wgmma A operand
   and the accumulator is updated in place (``pl.run_state`` + ``plgpu.ACC.init(acc)``). The
   interpreter supports neither, so in interpret mode P is stored to shared memory
@@ -93,7 +95,8 @@ def _check_args(q, k, v, is_causal, scale, block_q, block_kv, segment_ids, compu
 
 def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=None,
                   block_q: int = 128, block_kv: int = 128, compute_wgs: int = 2,
-                  kv_stages: int = 2, register_p: bool | None = None, pingpong: bool = True):
+                  kv_stages: int = 2, register_p: bool | None = None, pingpong: bool = True,
+                  early_k_wait: bool = True, oneway_pingpong: bool = True):
     """Flash-attention forward on Hopper; see the module docstring for the kernel layout.
 
     Args:
@@ -114,8 +117,13 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
       register_p: feed P to the P v wgmma from registers (True, GPU only: the interpreter
         cannot) or through shared memory (False). None: registers on a GPU, shared memory under
         ``plgpu.force_gpu_interpret_mode``.
-      pingpong: with 2 compute warpgroups, order their matmuls with a shared barrier so one's
+      pingpong: with 2 compute warpgroups, order their matmuls with barriers so one's
         softmax overlaps the other's wgmma (FA3 "ping-pong").
+      early_k_wait: wait for the next step's k tile while the P v wgmma runs (its poll then
+        overlaps the tensor cores) instead of at the top of each step.
+      oneway_pingpong: hand the turn over with one barrier per warpgroup (arrive on the
+        other's after issuing q k^T, wait on one's own before P v: one wait per step) instead
+        of a shared barrier both meet at twice per step.
     Returns:
       (out, lse): out (B, Sq, Hq, d) in q's dtype; lse (B, Hq, Sq) float32, natural-log
       log-sum-exp of the scaled scores, -inf for rows that see no key (their out is 0).
@@ -139,14 +147,15 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
     return _attention_fwd(q, k, v, segment_ids, is_causal=is_causal, scale=scale,
                           block_q=block_q, block_kv=block_kv, compute_wgs=compute_wgs,
                           kv_stages=kv_stages, register_p=bool(register_p),
-                          pingpong=bool(pingpong))
+                          pingpong=bool(pingpong), early_k_wait=bool(early_k_wait),
+                          oneway_pingpong=bool(oneway_pingpong))
 
 
 @functools.partial(jax.jit, static_argnames=("is_causal", "scale", "block_q", "block_kv",
                                              "compute_wgs", "kv_stages", "register_p",
-                                             "pingpong"))
+                                             "pingpong", "early_k_wait", "oneway_pingpong"))
 def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv, compute_wgs,
-                   kv_stages, register_p, pingpong):
+                   kv_stages, register_p, pingpong, early_k_wait, oneway_pingpong):
     batch, seq_q, num_q_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
@@ -161,6 +170,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         compute_wgs -= 1
     wg_rows = block_q // compute_wgs
     pingpong = pingpong and compute_wgs == 2
+    oneway = pingpong and oneway_pingpong
     seq_q_pad = round_up(seq_q, block_q)
     seq_k_pad = round_up(seq_k, block_kv)
     q_p, k_p, v_p = pad_axis(q, 1, seq_q_pad), pad_axis(k, 1, seq_k_pad), pad_axis(v, 1, seq_k_pad)
@@ -195,6 +205,17 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         def schedule_sync():
             plgpu.barrier_arrive(schedule_barrier)
             plgpu.barrier_wait(schedule_barrier)
+
+        # One-way ping-pong: warpgroup w waits on barrier w for its turn on the tensor cores
+        # (P v of this step, then q k^T of the next) and passes it on through barrier 1 - w.
+        # Warpgroup 0 takes the first turn; so that both barriers see as many arrivals as
+        # waits, warpgroup 1 waits once before its first step and warpgroup 0 arrives once
+        # after its last.
+        def pass_turn():
+            plgpu.barrier_arrive(schedule_barrier.at[1 - wg])
+
+        def await_turn():
+            plgpu.barrier_wait(schedule_barrier.at[wg])
 
         # ----------------------------------------------------------------- producer ---------
         @pl.when(wg == compute_wgs)
@@ -237,20 +258,36 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                 row_ids = plgpu.load(seg_q_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                 row_ids = lax.broadcast_in_dim(row_ids, (wg_rows, block_kv), [0])
 
-            if pingpong:
+            if oneway:
+                pl.when(wg == 1)(await_turn)
+            elif pingpong:
                 pl.when(wg == 1)(schedule_sync)
+
+            def wait_k(step):
+                plgpu.barrier_wait(k_barriers.at[lax.rem(step, jnp.int32(stages))])
+
+            def next_k_waiter(step):
+                # Both computed here, outside the wgmma's `run_state` body: a Python-int
+                # kv_steps inside it would reach Mosaic's lowering as a bare literal.
+                has_next = step + 1 < kv_steps
+                next_slot = lax.rem(step + 1, jnp.int32(stages))
+                return lambda: pl.when(has_next)(
+                    lambda: plgpu.barrier_wait(k_barriers.at[next_slot]))
 
             def kv_step(step, carry, *, masked: bool):
                 acc, m_i, l_i = carry
                 slot = lax.rem(step, jnp.int32(stages))
-                plgpu.barrier_wait(k_barriers.at[slot])
+                if not early_k_wait:
+                    wait_k(step)
                 if has_segments:
                     col_ids = plgpu.load(seg_kv_smem.at[slot],
                                          layout=plgpu.Layout.WGMMA.reduce(0))
 
                 def qk_matmul(acc_ref):
                     plgpu.wgmma(acc_ref, wg_q_smem, k_smem.at[slot].transpose((1, 0)))
-                    if pingpong:
+                    if oneway:
+                        pass_turn()
+                    elif pingpong:
                         schedule_sync()  # let the other warpgroup issue its wgmma
                     return acc_ref[...]
 
@@ -289,24 +326,36 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                 l_i = l_i + p.sum(axis=1)
                 if pingpong:
                     acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                    plgpu.barrier_arrive(schedule_barrier)  # softmax done
+                    if not oneway:
+                        plgpu.barrier_arrive(schedule_barrier)  # softmax done
                 if not register_p:
                     # P goes through shared memory (the interpreter's wgmma needs SMEM operands).
                     p_smem.at[wg][...] = p16
                     plgpu.commit_smem()  # generic-proxy store -> visible to wgmma (async proxy)
                 plgpu.barrier_wait(v_barriers.at[slot])
-                if pingpong:
+                if oneway:
+                    await_turn()
+                elif pingpong:
                     plgpu.barrier_wait(schedule_barrier)  # the tensor cores are ours again
 
+                next_k = next_k_waiter(step) if early_k_wait else None
                 if register_p:
-                    acc = matmul_into(acc, p16, v_smem.at[slot])
+                    acc = matmul_into(acc, p16, v_smem.at[slot], while_running=next_k)
                 else:
                     acc = acc + matmul(p_smem.at[wg], v_smem.at[slot], (wg_rows, head_dim))
+                    if next_k is not None:  # same barrier order as on the GPU, for the tests
+                        next_k()
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 return acc, m_new, l_i
 
             carry = (zeros_acc((wg_rows, head_dim)), full_rows(wg_rows, -jnp.inf),
                      full_rows(wg_rows, 0.0))
+            if early_k_wait:
+                if isinstance(kv_steps, int):  # static (no causal mask)
+                    if kv_steps > 0:
+                        wait_k(0)
+                else:
+                    pl.when(kv_steps > 0)(lambda: wait_k(0))
             carry = lax.fori_loop(0, unmasked_steps, functools.partial(kv_step, masked=False),
                                   carry)
             carry = lax.fori_loop(unmasked_steps, kv_steps,
@@ -317,9 +366,12 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             # needs fewer still releases (and observes) those slots, and keeps the ping-pong.
             kv_flush(kv_steps, cta_steps, stages=stages, k_barriers=k_barriers,
                      v_barriers=v_barriers, k_consumed=k_consumed, v_consumed=v_consumed,
-                     between=(lambda: (schedule_sync(), schedule_sync())) if pingpong else None)
+                     between=((lambda: (pass_turn(), await_turn())) if oneway else
+                              (lambda: (schedule_sync(), schedule_sync())) if pingpong else None))
 
-            if pingpong:
+            if oneway:
+                pl.when(wg == 0)(pass_turn)
+            elif pingpong:
                 pl.when(wg == 0)(schedule_sync)
 
             # Rows with no allowed key have l == 0 and acc == 0: output 0, lse = -inf.
@@ -332,7 +384,8 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(wg_q_smem, out_ref.at[b, pl.ds(q_start, wg_rows), q_head])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, q_head, pl.ds(q_start, wg_rows)])
-            plgpu.wait_smem_to_gmem(0)
+            # The CTA may exit once the stores have read shared memory; they land regardless.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     transforms = tile_transforms()
     tx_arrivals = 2 if has_segments else 1  # a second TMA copy (the ids) per barrier
@@ -350,7 +403,8 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         v_barriers=plgpu.Barrier(num_barriers=stages),
         k_consumed=plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),
         v_consumed=plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),
-        schedule_barrier=plgpu.Barrier(num_arrivals=compute_wgs) if pingpong else None,
+        schedule_barrier=(plgpu.Barrier(num_barriers=2) if oneway else
+                          plgpu.Barrier(num_arrivals=compute_wgs) if pingpong else None),
     )
     inputs = [q_p, k_p, v_p]
     if has_segments:
@@ -365,7 +419,10 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         grid_names=("heads", "q_blocks", "batch"),
         num_threads=compute_wgs + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        # Mosaic reserves 2 KB of SMEM for reductions across warps; this kernel's row reductions
+        # stay within a warp, and 3 stages of 128-key tiles need the room.
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, **({"reduction_scratch_bytes": 0} if stages > 2 else {})),
     )(*inputs)
     if seq_q_pad != seq_q:
         out, lse = out[:, :seq_q], lse[:, :, :seq_q]

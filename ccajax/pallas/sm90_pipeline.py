@@ -72,10 +72,15 @@ def matmul(a, b_ref, shape):
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
-def matmul_into(acc, a, b_ref):
-    """acc += a @ b in place (GPU only: ``pl.run_state`` is not interpretable)."""
+def matmul_into(acc, a, b_ref, while_running=None):
+    """acc += a @ b in place (GPU only: ``pl.run_state`` is not interpretable).
+
+    ``while_running()``, if given, runs after the wgmma is issued and before its result is
+    awaited (e.g. a barrier wait that the tensor cores then hide)."""
     def body(acc_ref):
         plgpu.wgmma(acc_ref, a, b_ref)
+        if while_running is not None:
+            while_running()
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 

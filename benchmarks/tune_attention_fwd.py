@@ -1,0 +1,82 @@
+"""Sweep the forward kernel's options on the GPU, next to cuDNN and tokamax, in one process.
+
+    PYTHONPATH=. python3 benchmarks/tune_attention_fwd.py --out=$OUT/tune_fwd.json
+
+Times ``attention_fwd`` for every configuration in ``CONFIGS`` and every cell (S x Hq:Hkv x mask,
+batch = tokens // S), beside cuDNN and tokamax (when its wheels are carried: see
+`benchmarks/attention.py`). TF/s counts 4*B*S^2*Hq*d, halved when causal. Prints one line per cell,
+each configuration as TF/s and its ratio to cuDNN; the best configuration per cell is what
+``attention_fwd``'s defaults should be.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from benchmarks.peers import peers
+from benchmarks.timing import device_name, format_vs_cudnn, time_call
+from ccajax.pallas.attention_fwd_sm90 import attention_fwd
+
+flags.DEFINE_string("out", "benchmarks/results/tune_attention_fwd.json", "JSON output path.")
+flags.DEFINE_list("seq_lens", ["4096", "16384"], "Sequence lengths.")
+flags.DEFINE_integer("tokens", 16384, "Batch is max(1, tokens // S).")
+flags.DEFINE_list("heads", ["16:16", "8:2", "4:4"], "Hq:Hkv pairs.")
+flags.DEFINE_list("masks", ["full", "causal"], "full and/or causal.")
+flags.DEFINE_list("configs", None, "Names from CONFIGS (default: all).")
+flags.DEFINE_integer("repeats", 5, "Median of this many repeats of ten calls per sync.")
+FLAGS = flags.FLAGS
+HEAD_DIM = 128
+
+CONFIGS = {
+    "default": {},
+    "late_k": dict(early_k_wait=False),  # the k wait at the top of each step
+    "rendezvous": dict(oneway_pingpong=False),  # both warpgroups meet twice per step
+    "stages3": dict(kv_stages=3),
+}
+
+
+def main(argv):
+    del argv
+    names = FLAGS.configs or list(CONFIGS)
+    fns, missing = peers()
+    peer_names = [p for p in ("cudnn", "tokamax") if p in fns]
+    rows = []
+    for seq in map(int, FLAGS.seq_lens):
+        batch = max(1, FLAGS.tokens // seq)
+        for heads in FLAGS.heads:
+            hq, hkv = map(int, heads.split(":"))
+            keys = jax.random.split(jax.random.key(hq * 7 + hkv), 3)
+            q = jax.random.normal(keys[0], (batch, seq, hq, HEAD_DIM), jnp.bfloat16)
+            k, v = (jax.random.normal(key, (batch, seq, hkv, HEAD_DIM), jnp.bfloat16)
+                    for key in keys[1:])
+            for causal in (m == "causal" for m in FLAGS.masks):
+                flops = 4 * batch * seq**2 * hq * HEAD_DIM * (0.5 if causal else 1.0)
+                row = dict(seq=seq, batch=batch, hq=hq, hkv=hkv, causal=causal, results={})
+                runs = {p: jax.jit(lambda q, k, v, p=p: fns[p](q, k, v, causal))
+                        for p in peer_names}
+                runs.update({n: jax.jit(lambda q, k, v, cfg=CONFIGS[n]: attention_fwd(
+                    q, k, v, is_causal=causal, scale=None, **cfg)[0]) for n in names})
+                for name, fn in runs.items():
+                    try:
+                        ms = 1e3 * time_call(fn, q, k, v, repeats=FLAGS.repeats)
+                        row["results"][name] = dict(ms=ms, tflops=flops / ms / 1e9)
+                    except Exception as e:  # noqa: BLE001 - record why a configuration failed
+                        row["results"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                rows.append(row)
+                print(format_vs_cudnn(row), flush=True)
+    result = dict(device=device_name(), date=datetime.date.today().isoformat(),
+                  jax=jax.__version__, configs={n: CONFIGS[n] for n in names},
+                  missing_peers=missing,
+                  method=f"median of {FLAGS.repeats} repeats of 10 calls per sync", rows=rows)
+    with open(FLAGS.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
