@@ -299,3 +299,21 @@ def test_interpret_mode_refuses_a_thread_pool_that_would_deadlock(monkeypatch):
     with plgpu.force_gpu_interpret_mode():
         with pytest.raises(RuntimeError, match=r"needs 4 workers .* has 3 here \(NPROC\).*NPROC=8"):
             attention_bwd(*arrays, **kwargs)
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["nosegs", "segs"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_lowers_for_the_gpu(is_causal, segments):
+    """Mosaic's lowering of both kernels' GPU build (register operands, 8:2, d=128) on a
+    CPU-only jaxlib: it rejects what the interpreter accepts (a Python-int loop bound inside a
+    wgmma's `run_state` body once did, in the forward)."""
+    q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)
+    lse = jax.ShapeDtypeStruct((2, 8, 1000), jnp.float32)
+    ids = jax.ShapeDtypeStruct((2, 1000), jnp.int32) if segments else None
+
+    def backward(q, k, v, out, lse, d_out, ids):
+        return attention_bwd(q, k, v, out, lse, d_out, is_causal=is_causal, scale=None,
+                             segment_ids=ids, register_operands=True)
+
+    jax.jit(backward).trace(q, k, k, q, lse, q, ids).lower(lowering_platforms=("cuda",))
