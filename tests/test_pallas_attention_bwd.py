@@ -305,7 +305,7 @@ def test_interpret_mode_refuses_a_thread_pool_that_would_deadlock(monkeypatch):
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_lowers_for_the_gpu(is_causal, segments):
     """Mosaic's lowering of both kernels' GPU build (register operands, 8:2, d=128) on a
-    CPU-only jaxlib: it rejects what the interpreter accepts (a Python-int loop bound inside a
+    CPU-only jaxlib: it rejects what the interpreter accepts (a constant loop bound inside a
     wgmma's `run_state` body once did, in the forward)."""
     q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)

@@ -282,7 +282,7 @@ def test_compiled_on_gpu(rng, config, is_causal, segments):
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_lowers_for_the_gpu(is_causal, segments):
     """Mosaic's lowering of the GPU build (register P, 8:2, d=128) on a CPU-only jaxlib: it
-    rejects what the interpreter accepts, e.g. a Python-int bound inside a wgmma's `run_state`
+    rejects what the interpreter accepts, e.g. a constant loop bound inside a wgmma's `run_state`
     body (static kv step counts: no causal mask)."""
     q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)

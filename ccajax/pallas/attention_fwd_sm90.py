@@ -267,8 +267,9 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                 plgpu.barrier_wait(k_barriers.at[lax.rem(step, jnp.int32(stages))])
 
             def next_k_waiter(step):
-                # Both computed here, outside the wgmma's `run_state` body: a Python-int
-                # kv_steps inside it would reach Mosaic's lowering as a bare literal.
+                # Both computed here, outside the wgmma's `run_state` body: a concrete kv_steps
+                # (a constant array when there is no causal mask) captured inside it reaches
+                # Mosaic's lowering as a bare literal.
                 has_next = step + 1 < kv_steps
                 next_slot = lax.rem(step + 1, jnp.int32(stages))
                 return lambda: pl.when(has_next)(
@@ -351,11 +352,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             carry = (zeros_acc((wg_rows, head_dim)), full_rows(wg_rows, -jnp.inf),
                      full_rows(wg_rows, 0.0))
             if early_k_wait:
-                if isinstance(kv_steps, int):  # static (no causal mask)
-                    if kv_steps > 0:
-                        wait_k(0)
-                else:
-                    pl.when(kv_steps > 0)(lambda: wait_k(0))
+                pl.when(kv_steps > 0)(lambda: wait_k(0))
             carry = lax.fori_loop(0, unmasked_steps, functools.partial(kv_step, masked=False),
                                   carry)
             carry = lax.fori_loop(unmasked_steps, kv_steps,
