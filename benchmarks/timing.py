@@ -3,6 +3,8 @@ of several repeats after warm-up, every competitor in the same process."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import statistics
 import time
 
@@ -38,3 +40,22 @@ def format_vs_cudnn(row) -> str:
             parts.append(f"{name} {r['tflops']:4.0f} ({r['tflops'] / base:.2f})" if "tflops" in r
                          else f"{name} ERR")
     return " | ".join(parts)
+
+
+def tflops_or_error(fn, *args, flops: float, repeats: int) -> dict:
+    """``{"ms", "tflops"}`` of ``fn(*args)`` (jitted), or ``{"error"}`` saying why it failed."""
+    try:
+        ms = 1e3 * time_call(fn, *args, repeats=repeats)
+    except Exception as e:  # noqa: BLE001 - record why a configuration could not run
+        return dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    return dict(ms=ms, tflops=flops / ms / 1e9)
+
+
+def write_sweep(path: str, rows: list, *, repeats: int, **fields) -> None:
+    """A tuning sweep's JSON: device, date, jax version, ``fields``, method and rows."""
+    result = dict(device=device_name(), date=datetime.date.today().isoformat(),
+                  jax=jax.__version__, **fields,
+                  method=f"median of {repeats} repeats of 10 calls per sync", rows=rows)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")

@@ -11,14 +11,11 @@ cell is what ``attention_bwd``'s defaults should be.
 
 from __future__ import annotations
 
-import datetime
-import json
-
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks.timing import device_name, format_vs_cudnn, time_call
+from benchmarks.timing import format_vs_cudnn, tflops_or_error, time_call, write_sweep
 from ccajax.pallas.attention_bwd_sm90 import attention_bwd
 from ccajax.pallas.attention_fwd_sm90 import attention_fwd
 
@@ -73,19 +70,11 @@ def main(argv):
             for name in names:
                 fn = jax.jit(lambda *a, cfg=CONFIGS[name]: attention_bwd(
                     *a, is_causal=causal, scale=None, **cfg))
-                try:
-                    ms = 1e3 * time_call(fn, q, k, v, out, lse, d_out, repeats=FLAGS.repeats)
-                    row["results"][name] = dict(ms=ms, tflops=flops / ms / 1e9)
-                except Exception as e:  # noqa: BLE001 - record why a configuration failed
-                    row["results"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                row["results"][name] = tflops_or_error(fn, q, k, v, out, lse, d_out, flops=flops,
+                                                       repeats=FLAGS.repeats)
             rows.append(row)
             print(format_vs_cudnn(row), flush=True)
-    result = dict(device=device_name(), date=datetime.date.today().isoformat(),
-                  jax=jax.__version__, configs={n: CONFIGS[n] for n in names},
-                  method=f"median of {FLAGS.repeats} repeats of 10 calls per sync", rows=rows)
-    with open(FLAGS.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {FLAGS.out}")
+    write_sweep(FLAGS.out, rows, repeats=FLAGS.repeats, configs={n: CONFIGS[n] for n in names})
 
 
 if __name__ == "__main__":

@@ -11,15 +11,12 @@ each configuration as TF/s and its ratio to cuDNN; the best configuration per ce
 
 from __future__ import annotations
 
-import datetime
-import json
-
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks.peers import peers
-from benchmarks.timing import device_name, format_vs_cudnn, time_call
+from benchmarks.timing import format_vs_cudnn, tflops_or_error, write_sweep
 from ccajax.pallas.attention_fwd_sm90 import attention_fwd
 
 flags.DEFINE_string("out", "benchmarks/results/tune_attention_fwd.json", "JSON output path.")
@@ -62,20 +59,12 @@ def main(argv):
                 runs.update({n: jax.jit(lambda q, k, v, cfg=CONFIGS[n]: attention_fwd(
                     q, k, v, is_causal=causal, scale=None, **cfg)[0]) for n in names})
                 for name, fn in runs.items():
-                    try:
-                        ms = 1e3 * time_call(fn, q, k, v, repeats=FLAGS.repeats)
-                        row["results"][name] = dict(ms=ms, tflops=flops / ms / 1e9)
-                    except Exception as e:  # noqa: BLE001 - record why a configuration failed
-                        row["results"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                    row["results"][name] = tflops_or_error(fn, q, k, v, flops=flops,
+                                                           repeats=FLAGS.repeats)
                 rows.append(row)
                 print(format_vs_cudnn(row), flush=True)
-    result = dict(device=device_name(), date=datetime.date.today().isoformat(),
-                  jax=jax.__version__, configs={n: CONFIGS[n] for n in names},
-                  missing_peers=missing,
-                  method=f"median of {FLAGS.repeats} repeats of 10 calls per sync", rows=rows)
-    with open(FLAGS.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {FLAGS.out}")
+    write_sweep(FLAGS.out, rows, repeats=FLAGS.repeats, configs={n: CONFIGS[n] for n in names},
+                missing_peers=missing)
 
 
 if __name__ == "__main__":
