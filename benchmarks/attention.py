@@ -11,15 +11,12 @@ is importable (carry its wheels); otherwise the reason is printed and recorded.
 
 from __future__ import annotations
 
-import datetime
-import json
-
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks.peers import peers
-from benchmarks.timing import device_name, time_call
+from benchmarks.timing import tflops_or_error, write_sweep
 
 flags.DEFINE_string("out", "benchmarks/results/attention.json", "Where to write the JSON results.")
 flags.DEFINE_list("seq_lens", ["1024", "4096", "16384", "32768"], "Sequence lengths.")
@@ -34,14 +31,8 @@ HEAD_DIM = 128
 def measure(fn, q, k, v, causal, flops):
     fwd = jax.jit(lambda q, k, v: fn(q, k, v, causal))
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, causal).astype(jnp.float32)), (0, 1, 2)))
-    result = {}
-    for mode, f, mult in (("fwd", fwd, 1.0), ("fwdbwd", grad, 3.5)):
-        try:
-            ms = 1e3 * time_call(f, q, k, v, repeats=FLAGS.repeats)
-            result[mode] = {"ms": ms, "tflops": mult * flops / ms / 1e9}
-        except Exception as e:  # noqa: BLE001 - record why a peer could not run this cell
-            result[mode] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-    return result
+    return {mode: tflops_or_error(f, q, k, v, flops=mult * flops, repeats=FLAGS.repeats)
+            for mode, f, mult in (("fwd", fwd, 1.0), ("fwdbwd", grad, 3.5))}
 
 
 def main(argv):
@@ -69,12 +60,7 @@ def main(argv):
                     row["results"][name] = measure(fn, q, k, v, causal, flops)
                 rows.append(row)
                 print(format_row(row), flush=True)
-    result = dict(device=device_name(), date=datetime.date.today().isoformat(), jax=jax.__version__,
-                  method=f"median of {FLAGS.repeats} repeats of 10 calls per sync",
-                  missing_peers=missing, rows=rows)
-    with open(FLAGS.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {FLAGS.out}")
+    write_sweep(FLAGS.out, rows, repeats=FLAGS.repeats, missing_peers=missing)
 
 
 def format_row(row) -> str:
