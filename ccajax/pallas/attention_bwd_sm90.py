@@ -39,15 +39,18 @@ across runs).
 
 * dQ kernel, grid ``(Hq, Sq / dq_block_q, B)``: each compute warpgroup loads its 64 query rows
   of q, dO, lse2 and delta once; the producer streams k and v tiles of ``dq_block_kv`` keys
-  (the forward's producer, shared code). Per step: S = Q K^T, P, dP = dO V^T (v released),
-  dS = P (dP - delta), dQ += dS K (k released). Causal: q blocks reversed (longest first), kv
+  (the forward's producer, shared code). Per step: S = Q K^T and dP = dO V^T issued back to
+  back (v released), P, dS = P (dP - delta), dQ += dS K (k released; the next step's k and v
+  are awaited while this wgmma runs). Causal: q blocks reversed (longest first), kv
   tiles above the diagonal never loaded, unmasked tiles first, then the masked ones; a
   warpgroup with fewer steps than its CTA releases the rest (``kv_flush``).
 * dK/dV kernel, grid ``(Hkv, Sk / dkv_block_kv, B)``: each compute warpgroup loads its 64 keys of
   k and v once and keeps fp32 dK and dV accumulators in registers. The producer streams q, lse2
   (one barrier) and dO, delta (another) tiles of ``dkv_block_q`` queries for the flat step
   sequence (query head g of the kv head's group, q block), so the GQA reduction over the group
-  happens inside the kernel and the prefetch runs across the head boundary. The warpgroup works
+  happens inside the kernel and the prefetch runs across the head boundary. Per step: S^T and
+  dP^T issued back to back, then dV += P^T dO and dK += dS^T Q issued back to back, during
+  which the next step's operands are awaited. The warpgroup works
   in the transposed orientation, S^T = K Q^T (rows are keys), so P^T and dS^T are directly the A
   operands of dV += P^T dO and dK += dS^T Q and the per-query lse2 / delta are per-column
   vectors (``WGMMA.reduce(0)``). Causal: q blocks no key of the CTA sees are never loaded; a
@@ -342,10 +345,32 @@ def _dq_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
             delta_row = row_vec(delta_smem.at[wg])
             q_seg = row_vec(segq_smem.at[wg]) if p.has_segments else None
 
-            def kv_step(step, acc, *, masked: bool):
-                slot = lax.rem(step, jnp.int32(stages))
+            def wait_kv(slot):
                 plgpu.barrier_wait(k_barriers.at[slot])
-                s = matmul(q_smem.at[wg], k_smem.at[slot].transpose((1, 0)), shape)
+                plgpu.barrier_wait(v_barriers.at[slot])
+
+            def next_kv_waiter(step):
+                # Computed outside the wgmma's `run_state` body, where a concrete kv_steps (a
+                # constant array without a causal mask) would reach Mosaic's lowering as a
+                # bare literal.
+                has_next = step + 1 < kv_steps
+                next_slot = lax.rem(step + 1, jnp.int32(stages))
+                return lambda: pl.when(has_next)(lambda: wait_kv(next_slot))
+
+            def s_and_dp(s_ref, dp_ref, slot):
+                # S = Q K^T and dP = dO V^T back to back: the second wgmma is issued before
+                # the first one's result is awaited.
+                plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
+                plgpu.wgmma(dp_ref, do_smem.at[wg], v_smem.at[slot].transpose((1, 0)))
+                return s_ref[...], dp_ref[...]
+
+            def kv_step(step, acc, *, masked: bool):
+                # This step's k and v tiles were awaited during the previous step's dQ wgmma
+                # (or before the loop).
+                slot = lax.rem(step, jnp.int32(stages))
+                s, dp = pl.run_scoped(functools.partial(s_and_dp, slot=slot),
+                                      plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+                plgpu.barrier_arrive(v_consumed.at[slot])  # dp was read: that wgmma is done
                 s = s * p.score_mult - lax.broadcast_in_dim(lse_row, shape, [0])
                 if masked:
                     kv_ids = step * block_kv + plgpu.broadcasted_iota(
@@ -361,17 +386,15 @@ def _dq_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                                              == lax.broadcast_in_dim(k_seg, shape, [1]))
                     s = jnp.where(allowed, s, -jnp.inf)
                 prob = jnp.exp2(s)  # 0 where masked and on rows with lse2 = +inf
-
-                plgpu.barrier_wait(v_barriers.at[slot])
-                dp = matmul(do_smem.at[wg], v_smem.at[slot].transpose((1, 0)), shape)
-                plgpu.barrier_arrive(v_consumed.at[slot])  # dp was read: that wgmma is done
                 ds = (prob * (dp - lax.broadcast_in_dim(delta_row, shape, [0]))).astype(p.dtype)
+                next_kv = next_kv_waiter(step)
                 if p.register:
-                    acc = matmul_into(acc, ds, k_smem.at[slot])
+                    acc = matmul_into(acc, ds, k_smem.at[slot], while_running=next_kv)
                 else:
                     ds_smem.at[wg][...] = ds
                     plgpu.commit_smem()  # generic-proxy store -> visible to wgmma (async proxy)
                     acc = acc + matmul(ds_smem.at[wg], k_smem.at[slot], (WG_ROWS, p.head_dim))
+                    next_kv()  # the GPU order of barrier waits, for the interpreter's checks
                 if p.has_segments:
                     # The key ids were read with ordinary loads and the next TMA overwrites
                     # them: fence the proxies before releasing the slot.
@@ -379,6 +402,7 @@ def _dq_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                 plgpu.barrier_arrive(k_consumed.at[slot])
                 return acc
 
+            pl.when(kv_steps > 0)(lambda: wait_kv(0))
             acc = zeros_acc((WG_ROWS, p.head_dim))
             acc = lax.fori_loop(0, unmasked_steps, functools.partial(kv_step, masked=False), acc)
             acc = lax.fori_loop(unmasked_steps, kv_steps, functools.partial(kv_step, masked=True),
@@ -498,21 +522,41 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
             k_seg = row_vec(segk_smem.at[wg]) if p.has_segments else None  # keys are rows
             q_lo, q_free = q_range(kv_start, WG_ROWS)
 
-            def skip_step(qb, carry, *, g):
-                """A q block this warpgroup's keys cannot see (the other warpgroup's can)."""
-                slot = lax.rem(g * steps_per_head + (qb - cta_q_lo), jnp.int32(stages))
+            # Every step's operands (q, lse2 and dO, delta) are awaited one step early: during
+            # the previous step's last wgmmas (or before the first step).
+            def wait_slot(slot):
                 plgpu.barrier_wait(q_barriers.at[slot])
                 plgpu.barrier_wait(do_barriers.at[slot])
-                plgpu.barrier_arrive(consumed.at[slot])
+
+            def next_step_waiter(t):
+                # Computed outside a wgmma's `run_state` body, where a concrete bound would
+                # reach Mosaic's lowering as a bare literal.
+                has_next = t + 1 < total_steps
+                next_slot = lax.rem(t + 1, jnp.int32(stages))
+                return lambda: pl.when(has_next)(lambda: wait_slot(next_slot))
+
+            def skip_step(qb, carry, *, g):
+                """A q block this warpgroup's keys cannot see (the other warpgroup's can)."""
+                t = g * steps_per_head + (qb - cta_q_lo)
+                plgpu.barrier_arrive(consumed.at[lax.rem(t, jnp.int32(stages))])
+                next_step_waiter(t)()
                 return carry
+
+            def st_dpt(st_ref, dpt_ref, q_tile, do_tile):
+                # S^T = K Q^T (rows are keys, columns are queries) and dP^T = V dO^T, issued
+                # back to back before either result is awaited.
+                plgpu.wgmma(st_ref, k_smem.at[wg], q_tile.transpose((1, 0)))
+                plgpu.wgmma(dpt_ref, v_smem.at[wg], do_tile.transpose((1, 0)))
+                return st_ref[...], dpt_ref[...]
 
             def q_step(qb, carry, *, g, masked: bool):
                 dk_acc, dv_acc = carry
-                slot = lax.rem(g * steps_per_head + (qb - cta_q_lo), jnp.int32(stages))
+                t = g * steps_per_head + (qb - cta_q_lo)
+                slot = lax.rem(t, jnp.int32(stages))
                 q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
-                plgpu.barrier_wait(q_barriers.at[slot])
-                # S^T = K Q^T: rows are keys, columns are queries.
-                st = matmul(k_smem.at[wg], q_tile.transpose((1, 0)), shape)
+                st, dpt = pl.run_scoped(
+                    functools.partial(st_dpt, q_tile=q_tile, do_tile=do_tile),
+                    plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
                 st = st * p.score_mult - lax.broadcast_in_dim(col_vec(lse_smem.at[slot]),
                                                               shape, [1])
                 if masked:
@@ -529,38 +573,30 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                         allowed = same if allowed is None else allowed & same
                     st = jnp.where(allowed, st, -jnp.inf)
                 pt = jnp.exp2(st)  # P^T; 0 where masked and for queries with lse2 = +inf
+                delta_col = col_vec(delta_smem.at[slot])
+                dst = (pt * (dpt - lax.broadcast_in_dim(delta_col, shape, [1]))).astype(p.dtype)
                 pt16 = pt.astype(p.dtype)
-
-                plgpu.barrier_wait(do_barriers.at[slot])
-                # dV += P^T dO and dP^T = V dO^T, both issued before either result is awaited.
+                next_step = next_step_waiter(t)
                 if p.register:
-                    def dv_dpt(dpt_ref):
-                        plgpu.wgmma(dpt_ref, v_smem.at[wg], do_tile.transpose((1, 0)))
-                        return matmul_into(dv_acc, pt16, do_tile), dpt_ref[...]
+                    # dV += P^T dO and dK += dS^T Q in place, both issued before either is
+                    # awaited; the next step's operands are awaited meanwhile.
+                    def dv_dk(refs):
+                        dv_ref, dk_ref = refs
+                        plgpu.wgmma(dv_ref, pt16, do_tile)
+                        plgpu.wgmma(dk_ref, dst, q_tile)
+                        next_step()
 
-                    dv_acc, dpt = pl.run_scoped(dv_dpt, plgpu.ACC(shape, jnp.float32))
+                    dv_acc, dk_acc = pl.run_state(dv_dk)(
+                        (plgpu.ACC.init(dv_acc), plgpu.ACC.init(dk_acc)))
                 else:
                     pt_smem.at[wg][...] = pt16
                     plgpu.commit_smem()  # generic-proxy store -> visible to wgmma (async proxy)
-
-                    def dv_dpt(dv_ref, dpt_ref):
-                        plgpu.wgmma(dv_ref, pt_smem.at[wg], do_tile)
-                        plgpu.wgmma(dpt_ref, v_smem.at[wg], do_tile.transpose((1, 0)))
-                        return dv_ref[...], dpt_ref[...]
-
-                    dv_part, dpt = pl.run_scoped(
-                        dv_dpt, plgpu.ACC((WG_ROWS, p.head_dim), jnp.float32),
-                        plgpu.ACC(shape, jnp.float32))
-                    dv_acc = dv_acc + dv_part
-                delta_col = col_vec(delta_smem.at[slot])
-                dst = (pt * (dpt - lax.broadcast_in_dim(delta_col, shape, [1]))).astype(p.dtype)
-                if p.register:
-                    dk_acc = matmul_into(dk_acc, dst, q_tile)
-                else:
+                    dv_acc = dv_acc + matmul(pt_smem.at[wg], do_tile, (WG_ROWS, p.head_dim))
                     # dS^T reuses the P^T tile: the wgmma that read P^T has completed.
                     pt_smem.at[wg][...] = dst
                     plgpu.commit_smem()
                     dk_acc = dk_acc + matmul(pt_smem.at[wg], q_tile, (WG_ROWS, p.head_dim))
+                    next_step()  # the GPU order of barrier waits, for the interpreter's checks
                 # lse2, delta (and ids) were read with ordinary loads and the producer's next
                 # TMA overwrites them: fence the proxies before releasing the slot.
                 plgpu.commit_smem()
@@ -575,6 +611,7 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                 return lax.fori_loop(q_free, num_q_blocks,
                                      functools.partial(q_step, g=g, masked=False), carry)
 
+            pl.when(total_steps > 0)(lambda: wait_slot(0))
             zeros = zeros_acc((WG_ROWS, p.head_dim))
             dk_acc, dv_acc = lax.fori_loop(0, p.group, head_loop, (zeros, zeros))
 
