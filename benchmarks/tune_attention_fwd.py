@@ -33,6 +33,8 @@ CONFIGS = {
     "default": {},
     "late_k": dict(early_k_wait=False),  # the k wait at the top of each step
     "rendezvous": dict(oneway_pingpong=False),  # both warpgroups meet twice per step
+    "per_tile_grid": dict(persistent=False),  # one CTA per tile
+    "persistent_grid": dict(persistent=True),  # non-causal only (an error for causal cells)
     "stages3": dict(kv_stages=3),
 }
 

@@ -115,6 +115,15 @@ def test_other_barrier_orders(rng, options, is_causal):
            block_kv=64, **options)
 
 
+@pytest.mark.parametrize("grid", [dict(persistent=False), dict(num_ctas=3), dict(num_ctas=1)],
+                         ids=["per-tile-grid", "3-ctas", "1-cta"])
+def test_non_causal_grids(rng, grid):
+    """The per-tile grid, and persistent CTAs with an uneven share of the 2 x 2 x 3 tiles (one
+    ring across a CTA's tiles; 1 CTA runs all 12)."""
+    _check(*_inputs(rng, jnp.bfloat16, 2, 300, 200, 2, 1, 64), is_causal=False, block_kv=64,
+           segment_ids=None, **grid)
+
+
 def test_causal_rows_without_keys_give_zero_and_minus_inf(rng):
     # Sq > Sk, causal: the first Sq - Sk queries precede every key.
     q, k, v = _inputs(rng, jnp.bfloat16, 1, 130, 70, 2, 1, 64)
@@ -220,9 +229,12 @@ def _args(**over):
     (dict(segment_ids=jnp.zeros((1, 64), jnp.float32)),
      r"segment_ids must be an integer array; got segment_ids.dtype=float32"),
     (dict(compute_wgs=3), r"compute_wgs must be 1 or 2; got compute_wgs=3"),
+    (dict(is_causal=True, persistent=True), r"persistent=True needs is_causal=False"),
+    (dict(num_ctas=0), r"num_ctas must be a positive int; got num_ctas=0"),
 ], ids=["f32", "mixed-dtypes", "d96", "hkv-not-dividing", "block_q96", "block_kv32",
         "k-v-shapes", "batch", "q-3d", "q-k-head-dim", "negative-scale",
-        "segments-sq-ne-sk", "segments-shape", "segments-float", "compute-wgs3"])
+        "segments-sq-ne-sk", "segments-shape", "segments-float", "compute-wgs3",
+        "persistent-causal", "num-ctas0"])
 def test_errors(over, match):
     arrays, kwargs = _args(**over)
     with pytest.raises(ValueError, match=match):
@@ -253,6 +265,7 @@ GPU_CONFIGS = {
     "3-stages": dict(kv_stages=3),
     "late-k-wait": dict(early_k_wait=False),
     "rendezvous-pingpong": dict(oneway_pingpong=False),
+    "per-tile-grid": dict(persistent=False),
 }
 
 

@@ -18,6 +18,10 @@ Kernel layout
   producer warpgroup (``plgpu.kernel(..., num_threads=3)``). The CTA reads the k/v tiles of kv
   head ``h // group`` directly from the un-repeated (B, Sk, Hkv, d) arrays (GQA without copies).
   Under causal masking the q-block index is reversed so the longest rows are scheduled first.
+  Non-causal with Sk <= ``PERSISTENT_MAX_SEQ_K`` (or ``persistent=True``): a persistent grid of
+  one CTA per SM instead; CTA c takes tiles c, c + num_ctas, ... in (batch, head, q block)
+  order, q block fastest, and its producer keeps one k/v ring across its tiles, so the next
+  tile's first loads overlap the current tile's tail and epilogue.
 * Producer warpgroup (registers lowered to 40): issues the TMA copies of k and v (and of the kv
   segment ids, on k's barrier) into a ``kv_stages``-slot ring; before refilling a slot it waits
   on that slot's "consumed" barriers (one arrival per compute warpgroup), separately for k and v.
@@ -77,7 +81,7 @@ from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_ar
                                        check_block_sizes, pad_axis, round_up)
 from ccajax.pallas.sm90_pipeline import (KVSteps, check_interpret_threads, full_rows,
                                          in_interpret_mode, kv_flush, matmul, matmul_into,
-                                         ring_producer, tile_transforms, zeros_acc)
+                                         ring_drain, ring_producer, tile_transforms, zeros_acc)
 
 MAX_BLOCK = 256
 _LN2 = math.log(2.0)
@@ -93,10 +97,18 @@ def _check_args(q, k, v, is_causal, scale, block_q, block_kv, segment_ids, compu
         raise ValueError(f"kv_stages must be an int in [2, 4]; got kv_stages={kv_stages!r}")
 
 
+# Longest kv sequence for which persistent=None picks the persistent grid. H200, one process per
+# length (benchmarks/results/tune_attention_fwd_h200_2026-12-01_persistent.json), persistent vs
+# per-tile TF/s for 16:16 / 8:2 / 4:4 non-causal: 4k +2 / +7 / +9%, 8k -0.5 / -4 / +1%,
+# 16k -2 / -5 / -0.6%: the saved pipeline fill per tile matters only while tiles are short.
+PERSISTENT_MAX_SEQ_K = 4096
+
+
 def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=None,
                   block_q: int = 128, block_kv: int = 128, compute_wgs: int = 2,
                   kv_stages: int = 2, register_p: bool | None = None, pingpong: bool = True,
-                  early_k_wait: bool = True, oneway_pingpong: bool = True):
+                  early_k_wait: bool = True, oneway_pingpong: bool = True,
+                  persistent: bool | None = None, num_ctas: int | None = None):
     """Flash-attention forward on Hopper; see the module docstring for the kernel layout.
 
     Args:
@@ -124,6 +136,12 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
       oneway_pingpong: hand the turn over with one barrier per warpgroup (arrive on the
         other's after issuing q k^T, wait on one's own before P v: one wait per step) instead
         of a shared barrier both meet at twice per step.
+      persistent: launch ``num_ctas`` CTAs that each walk a share of the (batch, head, query
+        block) tiles, keeping one k/v ring across their tiles (the next tile's first k/v load
+        overlaps the current tile's last steps and epilogue). None: when not causal (causal
+        tiles differ in length; their grid runs the longest first instead) and Sk <=
+        ``PERSISTENT_MAX_SEQ_K`` (measured: faster for short tiles, not for long ones).
+      num_ctas: CTAs of the persistent grid; None: the GPU's SM count (2 in interpret mode).
     Returns:
       (out, lse): out (B, Sq, Hq, d) in q's dtype; lse (B, Hq, Sq) float32, natural-log
       log-sum-exp of the scaled scores, -inf for rows that see no key (their out is 0).
@@ -144,18 +162,37 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
         segment_ids = segment_ids.astype(jnp.int32)
     if in_interpret_mode():
         check_interpret_threads(compute_wgs + 1)
+    if persistent is None:
+        persistent = not is_causal and k.shape[1] <= PERSISTENT_MAX_SEQ_K
+    if persistent and is_causal:
+        raise ValueError("persistent=True needs is_causal=False (a CTA's tiles must all have "
+                         "the same number of kv steps); use persistent=None or False")
+    if persistent and num_ctas is None:
+        num_ctas = 2 if in_interpret_mode() else _sm_count()
+    if persistent and (not isinstance(num_ctas, int) or num_ctas < 1):
+        raise ValueError(f"num_ctas must be a positive int; got num_ctas={num_ctas!r}")
     return _attention_fwd(q, k, v, segment_ids, is_causal=is_causal, scale=scale,
                           block_q=block_q, block_kv=block_kv, compute_wgs=compute_wgs,
                           kv_stages=kv_stages, register_p=bool(register_p),
                           pingpong=bool(pingpong), early_k_wait=bool(early_k_wait),
-                          oneway_pingpong=bool(oneway_pingpong))
+                          oneway_pingpong=bool(oneway_pingpong),
+                          num_ctas=num_ctas if persistent else None)
+
+
+def _sm_count() -> int:
+    device = jax.devices()[0]
+    if device.platform == "gpu":
+        return device.core_count
+    return 132  # an H100 / H200, for lowering the GPU build on a CPU-only host
 
 
 @functools.partial(jax.jit, static_argnames=("is_causal", "scale", "block_q", "block_kv",
                                              "compute_wgs", "kv_stages", "register_p",
-                                             "pingpong", "early_k_wait", "oneway_pingpong"))
+                                             "pingpong", "early_k_wait", "oneway_pingpong",
+                                             "num_ctas"))
 def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv, compute_wgs,
-                   kv_stages, register_p, pingpong, early_k_wait, oneway_pingpong):
+                   kv_stages, register_p, pingpong, early_k_wait, oneway_pingpong,
+                   num_ctas):
     batch, seq_q, num_q_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
@@ -171,6 +208,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
     wg_rows = block_q // compute_wgs
     pingpong = pingpong and compute_wgs == 2
     oneway = pingpong and oneway_pingpong
+    persistent = num_ctas is not None
     seq_q_pad = round_up(seq_q, block_q)
     seq_k_pad = round_up(seq_k, block_kv)
     q_p, k_p, v_p = pad_axis(q, 1, seq_q_pad), pad_axis(k, 1, seq_k_pad), pad_axis(v, 1, seq_k_pad)
@@ -191,16 +229,11 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             q_ref, k_ref, v_ref, seg_ref, out_ref, lse_ref = refs
         else:
             (q_ref, k_ref, v_ref, out_ref, lse_ref), seg_ref = refs, None
-        q_head = lax.axis_index("heads")
-        q_block = lax.axis_index("q_blocks")
-        if is_causal:
-            # Longest rows first, so that the short causal blocks fill the tail of the grid.
-            q_block = num_q_blocks - 1 - q_block
-        b = lax.axis_index("batch")
         wg = lax.axis_index("wg")
-        kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
-        cta_q_start = q_block * block_q
-        cta_steps, _ = kv_range(cta_q_start, block_q)
+        if compute_wgs == 2:
+            # 40 registers for the producer, 232 for each compute warpgroup.
+            pl.when(wg == compute_wgs)(lambda: plgpu.set_max_registers(40, action="decrease"))
+            pl.when(wg < compute_wgs)(lambda: plgpu.set_max_registers(232, action="increase"))
 
         def schedule_sync():
             plgpu.barrier_arrive(schedule_barrier)
@@ -217,172 +250,201 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         def await_turn():
             plgpu.barrier_wait(schedule_barrier.at[wg])
 
-        # ----------------------------------------------------------------- producer ---------
-        @pl.when(wg == compute_wgs)
-        def _producer():
-            if compute_wgs == 2:
-                plgpu.set_max_registers(40, action="decrease")
+        def tile(q_head, q_block, b, step0):
+            """One (query head, query block, batch) tile. Its kv steps take ring positions
+            step0, step0 + 1, ... (persistent CTAs keep one ring across their tiles)."""
+            kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
+            cta_q_start = q_block * block_q
+            cta_steps, _ = kv_range(cta_q_start, block_q)
 
-            def issue_k(step, slot):
-                rows = pl.ds(step * block_kv, block_kv)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot],
-                                        k_barriers.at[slot])
-                if has_segments:  # the kv ids share the k barrier (2 arrivals)
-                    plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], seg_kv_smem.at[slot],
+            def ring_slot(step):
+                return lax.rem(step0 + step, jnp.int32(stages))
+
+            # ----------------------------------------------------------------- producer ---------
+            @pl.when(wg == compute_wgs)
+            def _producer():
+                def issue_k(step, slot):
+                    rows = pl.ds(step * block_kv, block_kv)
+                    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot],
                                             k_barriers.at[slot])
+                    if has_segments:  # the kv ids share the k barrier (2 arrivals)
+                        plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], seg_kv_smem.at[slot],
+                                                k_barriers.at[slot])
 
-            def issue_v(step, slot):
-                rows = pl.ds(step * block_kv, block_kv)
-                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot],
-                                        v_barriers.at[slot])
+                def issue_v(step, slot):
+                    rows = pl.ds(step * block_kv, block_kv)
+                    plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot],
+                                            v_barriers.at[slot])
 
-            ring_producer(copies=((issue_k, k_consumed), (issue_v, v_consumed)),
-                          steps=cta_steps, stages=stages)
+                ring_producer(copies=((issue_k, k_consumed), (issue_v, v_consumed)),
+                              steps=cta_steps, stages=stages, first=step0, drain=not persistent)
 
-        # ----------------------------------------------------------------- consumers --------
-        @pl.when(wg < compute_wgs)
-        def _consumer():
-            if compute_wgs == 2:
-                plgpu.set_max_registers(232, action="increase")
-            q_start = cta_q_start + wg * wg_rows
-            kv_steps, unmasked_steps = kv_range(q_start, wg_rows)
-            wg_q_smem = q_smem.at[wg]
-            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, wg_rows), q_head], wg_q_smem,
-                                    q_barriers.at[wg])
-            if has_segments:  # shares the q barrier (2 arrivals)
-                plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(q_start, wg_rows)],
-                                        seg_q_smem.at[wg], q_barriers.at[wg])
-            plgpu.barrier_wait(q_barriers.at[wg])
-            row_ids = None
-            if has_segments:
-                row_ids = plgpu.load(seg_q_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-                row_ids = lax.broadcast_in_dim(row_ids, (wg_rows, block_kv), [0])
-
-            if oneway:
-                pl.when(wg == 1)(await_turn)
-            elif pingpong:
-                pl.when(wg == 1)(schedule_sync)
-
-            def wait_k(step):
-                plgpu.barrier_wait(k_barriers.at[lax.rem(step, jnp.int32(stages))])
-
-            def next_k_waiter(step):
-                # Both computed here, outside the wgmma's `run_state` body: a concrete kv_steps
-                # (a constant array when there is no causal mask) captured inside it reaches
-                # Mosaic's lowering as a bare literal.
-                has_next = step + 1 < kv_steps
-                next_slot = lax.rem(step + 1, jnp.int32(stages))
-                return lambda: pl.when(has_next)(
-                    lambda: plgpu.barrier_wait(k_barriers.at[next_slot]))
-
-            def kv_step(step, carry, *, masked: bool):
-                acc, m_i, l_i = carry
-                slot = lax.rem(step, jnp.int32(stages))
-                if not early_k_wait:
-                    wait_k(step)
+            # ----------------------------------------------------------------- consumers --------
+            @pl.when(wg < compute_wgs)
+            def _consumer():
+                q_start = cta_q_start + wg * wg_rows
+                kv_steps, unmasked_steps = kv_range(q_start, wg_rows)
+                wg_q_smem = q_smem.at[wg]
+                plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, wg_rows), q_head], wg_q_smem,
+                                        q_barriers.at[wg])
+                if has_segments:  # shares the q barrier (2 arrivals)
+                    plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(q_start, wg_rows)],
+                                            seg_q_smem.at[wg], q_barriers.at[wg])
+                plgpu.barrier_wait(q_barriers.at[wg])
+                row_ids = None
                 if has_segments:
-                    col_ids = plgpu.load(seg_kv_smem.at[slot],
-                                         layout=plgpu.Layout.WGMMA.reduce(0))
+                    row_ids = plgpu.load(seg_q_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                    row_ids = lax.broadcast_in_dim(row_ids, (wg_rows, block_kv), [0])
 
-                def qk_matmul(acc_ref):
-                    plgpu.wgmma(acc_ref, wg_q_smem, k_smem.at[slot].transpose((1, 0)))
-                    if oneway:
-                        pass_turn()
-                    elif pingpong:
-                        schedule_sync()  # let the other warpgroup issue its wgmma
-                    return acc_ref[...]
-
-                s = pl.run_scoped(qk_matmul, plgpu.ACC((wg_rows, block_kv), jnp.float32))
-                if has_segments:
-                    # The producer's next TMA (async proxy) overwrites the ids this warpgroup
-                    # just read with ordinary loads: fence the proxies before releasing.
-                    plgpu.commit_smem()
-                plgpu.barrier_arrive(k_consumed.at[slot])
-                if masked:
-                    kv_ids = step * block_kv + plgpu.broadcasted_iota(
-                        jnp.int32, (wg_rows, block_kv), 1, layout=plgpu.Layout.WGMMA)
-                    allowed = kv_ids < seq_k
-                    if is_causal:
-                        q_ids = q_start + causal_offset + plgpu.broadcasted_iota(
-                            jnp.int32, (wg_rows, block_kv), 0, layout=plgpu.Layout.WGMMA)
-                        allowed = allowed & (kv_ids <= q_ids)
-                    if has_segments:
-                        allowed = allowed & (
-                            row_ids == lax.broadcast_in_dim(col_ids, s.shape, [1]))
-                    s = jnp.where(allowed, s, -jnp.inf)
-
-                m_new = jnp.maximum(m_i, s.max(axis=1) * score_mult)
-                if masked:
-                    # A row that has seen no allowed key keeps m = -inf; subtract 0 instead so
-                    # that exp2 gives 0 rather than NaN (-inf - -inf). Unmasked steps come
-                    # first and always see finite scores, so they need no such guard.
-                    m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                else:
-                    m_sub = m_new
-                alpha = jnp.exp2(m_i - m_sub)
-                p = jnp.exp2(s * score_mult - lax.broadcast_in_dim(m_sub, s.shape, [0]))
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                l_i = l_i * alpha
-                p16 = p.astype(dtype)
-                l_i = l_i + p.sum(axis=1)
-                if pingpong:
-                    acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                    if not oneway:
-                        plgpu.barrier_arrive(schedule_barrier)  # softmax done
-                if not register_p:
-                    # P goes through shared memory (the interpreter's wgmma needs SMEM operands).
-                    p_smem.at[wg][...] = p16
-                    plgpu.commit_smem()  # generic-proxy store -> visible to wgmma (async proxy)
-                plgpu.barrier_wait(v_barriers.at[slot])
                 if oneway:
-                    await_turn()
+                    pl.when(wg == 1)(await_turn)
                 elif pingpong:
-                    plgpu.barrier_wait(schedule_barrier)  # the tensor cores are ours again
+                    pl.when(wg == 1)(schedule_sync)
 
-                next_k = next_k_waiter(step) if early_k_wait else None
-                if register_p:
-                    acc = matmul_into(acc, p16, v_smem.at[slot], while_running=next_k)
-                else:
-                    acc = acc + matmul(p_smem.at[wg], v_smem.at[slot], (wg_rows, head_dim))
-                    if next_k is not None:  # same barrier order as on the GPU, for the tests
-                        next_k()
-                plgpu.barrier_arrive(v_consumed.at[slot])
-                return acc, m_new, l_i
+                def wait_k(step):
+                    plgpu.barrier_wait(k_barriers.at[ring_slot(step)])
 
-            carry = (zeros_acc((wg_rows, head_dim)), full_rows(wg_rows, -jnp.inf),
-                     full_rows(wg_rows, 0.0))
-            if early_k_wait:
-                pl.when(kv_steps > 0)(lambda: wait_k(0))
-            carry = lax.fori_loop(0, unmasked_steps, functools.partial(kv_step, masked=False),
-                                  carry)
-            carry = lax.fori_loop(unmasked_steps, kv_steps,
-                                  functools.partial(kv_step, masked=True), carry)
-            acc, m_i, l_i = carry
+                def next_k_waiter(step):
+                    # Both computed here, outside the wgmma's `run_state` body: a concrete kv_steps
+                    # (a constant array when there is no causal mask) captured inside it reaches
+                    # Mosaic's lowering as a bare literal.
+                    has_next = step + 1 < kv_steps
+                    next_slot = ring_slot(step + 1)
+                    return lambda: pl.when(has_next)(
+                        lambda: plgpu.barrier_wait(k_barriers.at[next_slot]))
 
-            # Causal: the CTA's producer loads the kv steps of its last rows; a warpgroup that
-            # needs fewer still releases (and observes) those slots, and keeps the ping-pong.
-            kv_flush(kv_steps, cta_steps, stages=stages, k_barriers=k_barriers,
-                     v_barriers=v_barriers, k_consumed=k_consumed, v_consumed=v_consumed,
-                     between=((lambda: (pass_turn(), await_turn())) if oneway else
-                              (lambda: (schedule_sync(), schedule_sync())) if pingpong else None))
+                def kv_step(step, carry, *, masked: bool):
+                    acc, m_i, l_i = carry
+                    slot = ring_slot(step)
+                    if not early_k_wait:
+                        wait_k(step)
+                    if has_segments:
+                        col_ids = plgpu.load(seg_kv_smem.at[slot],
+                                             layout=plgpu.Layout.WGMMA.reduce(0))
 
-            if oneway:
-                pl.when(wg == 0)(pass_turn)
-            elif pingpong:
-                pl.when(wg == 0)(schedule_sync)
+                    def qk_matmul(acc_ref):
+                        plgpu.wgmma(acc_ref, wg_q_smem, k_smem.at[slot].transpose((1, 0)))
+                        if oneway:
+                            pass_turn()
+                        elif pingpong:
+                            schedule_sync()  # let the other warpgroup issue its wgmma
+                        return acc_ref[...]
 
-            # Rows with no allowed key have l == 0 and acc == 0: output 0, lse = -inf.
-            empty = l_i == 0.0
-            inv_l = 1.0 / jnp.where(empty, 1.0, l_i)
-            out = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
-            wg_q_smem[...] = out.astype(dtype)  # q is no longer needed: reuse its tile
-            log2_l = jnp.log2(jnp.where(empty, 1.0, l_i))
-            lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, (m_i + log2_l) * _LN2)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(wg_q_smem, out_ref.at[b, pl.ds(q_start, wg_rows), q_head])
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, q_head, pl.ds(q_start, wg_rows)])
-            # The CTA may exit once the stores have read shared memory; they land regardless.
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    s = pl.run_scoped(qk_matmul, plgpu.ACC((wg_rows, block_kv), jnp.float32))
+                    if has_segments:
+                        # The producer's next TMA (async proxy) overwrites the ids this warpgroup
+                        # just read with ordinary loads: fence the proxies before releasing.
+                        plgpu.commit_smem()
+                    plgpu.barrier_arrive(k_consumed.at[slot])
+                    if masked:
+                        kv_ids = step * block_kv + plgpu.broadcasted_iota(
+                            jnp.int32, (wg_rows, block_kv), 1, layout=plgpu.Layout.WGMMA)
+                        allowed = kv_ids < seq_k
+                        if is_causal:
+                            q_ids = q_start + causal_offset + plgpu.broadcasted_iota(
+                                jnp.int32, (wg_rows, block_kv), 0, layout=plgpu.Layout.WGMMA)
+                            allowed = allowed & (kv_ids <= q_ids)
+                        if has_segments:
+                            allowed = allowed & (
+                                row_ids == lax.broadcast_in_dim(col_ids, s.shape, [1]))
+                        s = jnp.where(allowed, s, -jnp.inf)
+
+                    m_new = jnp.maximum(m_i, s.max(axis=1) * score_mult)
+                    if masked:
+                        # A row that has seen no allowed key keeps m = -inf; subtract 0 instead so
+                        # that exp2 gives 0 rather than NaN (-inf - -inf). Unmasked steps come
+                        # first and always see finite scores, so they need no such guard.
+                        m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                    else:
+                        m_sub = m_new
+                    alpha = jnp.exp2(m_i - m_sub)
+                    p = jnp.exp2(s * score_mult - lax.broadcast_in_dim(m_sub, s.shape, [0]))
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    l_i = l_i * alpha
+                    p16 = p.astype(dtype)
+                    l_i = l_i + p.sum(axis=1)
+                    if pingpong:
+                        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                        if not oneway:
+                            plgpu.barrier_arrive(schedule_barrier)  # softmax done
+                    if not register_p:
+                        # P goes through shared memory (the interpreter's wgmma needs SMEM operands).
+                        p_smem.at[wg][...] = p16
+                        plgpu.commit_smem()  # generic-proxy store -> visible to wgmma (async proxy)
+                    plgpu.barrier_wait(v_barriers.at[slot])
+                    if oneway:
+                        await_turn()
+                    elif pingpong:
+                        plgpu.barrier_wait(schedule_barrier)  # the tensor cores are ours again
+
+                    next_k = next_k_waiter(step) if early_k_wait else None
+                    if register_p:
+                        acc = matmul_into(acc, p16, v_smem.at[slot], while_running=next_k)
+                    else:
+                        acc = acc + matmul(p_smem.at[wg], v_smem.at[slot], (wg_rows, head_dim))
+                        if next_k is not None:  # same barrier order as on the GPU, for the tests
+                            next_k()
+                    plgpu.barrier_arrive(v_consumed.at[slot])
+                    return acc, m_new, l_i
+
+                carry = (zeros_acc((wg_rows, head_dim)), full_rows(wg_rows, -jnp.inf),
+                         full_rows(wg_rows, 0.0))
+                if early_k_wait:
+                    pl.when(kv_steps > 0)(lambda: wait_k(0))
+                carry = lax.fori_loop(0, unmasked_steps, functools.partial(kv_step, masked=False),
+                                      carry)
+                carry = lax.fori_loop(unmasked_steps, kv_steps,
+                                      functools.partial(kv_step, masked=True), carry)
+                acc, m_i, l_i = carry
+
+                # Causal: the CTA's producer loads the kv steps of its last rows; a warpgroup that
+                # needs fewer still releases (and observes) those slots, and keeps the ping-pong.
+                kv_flush(kv_steps, cta_steps, stages=stages, offset=step0, k_barriers=k_barriers,
+                         v_barriers=v_barriers, k_consumed=k_consumed, v_consumed=v_consumed,
+                         between=((lambda: (pass_turn(), await_turn())) if oneway else
+                                  (lambda: (schedule_sync(), schedule_sync())) if pingpong else None))
+
+                if oneway:
+                    pl.when(wg == 0)(pass_turn)
+                elif pingpong:
+                    pl.when(wg == 0)(schedule_sync)
+
+                # Rows with no allowed key have l == 0 and acc == 0: output 0, lse = -inf.
+                empty = l_i == 0.0
+                inv_l = 1.0 / jnp.where(empty, 1.0, l_i)
+                out = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
+                wg_q_smem[...] = out.astype(dtype)  # q is no longer needed: reuse its tile
+                log2_l = jnp.log2(jnp.where(empty, 1.0, l_i))
+                lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, (m_i + log2_l) * _LN2)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(wg_q_smem, out_ref.at[b, pl.ds(q_start, wg_rows), q_head])
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, q_head, pl.ds(q_start, wg_rows)])
+                # The CTA may exit once the stores have read shared memory; they land regardless.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        if persistent:
+            # Non-causal: every tile has num_kv_blocks steps, so a CTA's i-th tile starts at
+            # ring position i * num_kv_blocks. Tiles go to CTAs round-robin, query block
+            # fastest, so that the CTAs in flight share a few heads' k/v in L2.
+            grid = (batch, num_q_heads, num_q_blocks)
+
+            @plgpu.nd_loop(grid, collective_axes="ctas")
+            def _tiles(info):
+                b, q_head, q_block = info.index
+                tile(q_head, q_block, b, info.local_index * num_kv_blocks)
+
+            @pl.when(wg == compute_wgs)
+            def _drain():
+                cta, tiles = lax.axis_index("ctas"), batch * num_q_heads * num_q_blocks
+                my_tiles = jnp.maximum(lax.div(tiles - cta + num_ctas - 1, jnp.int32(num_ctas)), 0)
+                ring_drain(copies=((None, k_consumed), (None, v_consumed)),
+                           steps=my_tiles * num_kv_blocks, stages=stages)
+        else:
+            q_block = lax.axis_index("q_blocks")
+            if is_causal:
+                # Longest rows first, so that the short causal blocks fill the tail of the grid.
+                q_block = num_q_blocks - 1 - q_block
+            tile(lax.axis_index("heads"), q_block, lax.axis_index("batch"), 0)
 
     transforms = tile_transforms()
     tx_arrivals = 2 if has_segments else 1  # a second TMA copy (the ids) per barrier
@@ -412,8 +474,8 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         out_type=(jax.ShapeDtypeStruct((batch, seq_q_pad, num_q_heads, head_dim), dtype),
                   jax.ShapeDtypeStruct((batch, num_q_heads, seq_q_pad), jnp.float32)),
         scratch_types=scratch,
-        grid=(num_q_heads, num_q_blocks, batch),
-        grid_names=("heads", "q_blocks", "batch"),
+        grid=(num_ctas,) if persistent else (num_q_heads, num_q_blocks, batch),
+        grid_names=("ctas",) if persistent else ("heads", "q_blocks", "batch"),
         num_threads=compute_wgs + 1,
         thread_name="wg",
         # Mosaic reserves 2 KB of SMEM for reductions across warps; this kernel's row reductions

@@ -126,29 +126,46 @@ class KVSteps:
         return steps, jnp.minimum(unmasked, steps)
 
 
-def ring_producer(*, copies, steps, stages):
+def ring_producer(*, copies, steps, stages, first=0, drain=True):
     """Producer warpgroup: fill ``stages``-slot rings for ``steps`` steps.
 
     ``copies`` is a sequence of ``(issue, consumed)``: ``issue(step, slot)`` starts the TMA
     copies of one ring for one step, and before it refills a slot every compute warpgroup must
     have arrived on ``consumed.at[slot]``. The forward and dQ kernels stream k and v as two rings
     (released separately); the dK/dV kernel streams its q-side operands as one.
+    Step i takes ring position ``first + i`` (a persistent CTA keeps one ring across its
+    tiles); with ``drain`` the last consumed phases are observed at the end (see `ring_drain`).
     """
-    for i in range(stages):
-        @pl.when(i < steps)
-        def _():
-            for issue, _ in copies:
-                issue(i, i)
+    if isinstance(first, int) and first == 0:
+        for i in range(stages):
+            @pl.when(i < steps)
+            def _():
+                for issue, _ in copies:
+                    issue(i, i)
 
-    @pl.loop(stages, jnp.maximum(steps, stages))
-    def _refill(step):
-        slot = lax.rem(step, jnp.int32(stages))
-        for issue, consumed in copies:
-            plgpu.barrier_wait(consumed.at[slot])  # step - stages is done with the slot
-            issue(step, slot)
+        @pl.loop(stages, jnp.maximum(steps, stages))
+        def _refill(step):
+            slot = lax.rem(step, jnp.int32(stages))
+            for issue, consumed in copies:
+                plgpu.barrier_wait(consumed.at[slot])  # step - stages is done with the slot
+                issue(step, slot)
+    else:
+        @pl.loop(0, steps)
+        def _steps(step):
+            position = first + step
+            slot = lax.rem(position, jnp.int32(stages))
+            for issue, consumed in copies:
+                pl.when(position >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
+                issue(step, slot)
 
-    # Observe the last consumed phases too: free on the GPU, and the interpreter requires a
-    # thread that waits on a barrier to wait on every phase.
+    if drain:
+        ring_drain(copies=copies, steps=first + steps, stages=stages)
+
+
+def ring_drain(*, copies, steps, stages):
+    """Observe the last consumed phases of rings that ran ``steps`` positions in all: free on
+    the GPU, and the interpreter requires a thread that waits on a barrier to wait on every
+    phase."""
     @pl.loop(jnp.maximum(steps - stages, 0), steps)
     def _drain(step):
         slot = lax.rem(step, jnp.int32(stages))
@@ -157,13 +174,13 @@ def ring_producer(*, copies, steps, stages):
 
 
 def kv_flush(first, last, *, stages, k_barriers, v_barriers, k_consumed, v_consumed,
-             between=None):
+             between=None, offset=0):
     """A compute warpgroup that needs fewer kv steps than its CTA's producer loads (causal) still
     observes and releases the slots of steps [first, last). ``between`` runs after each step's
     k release (the forward's ping-pong hand-over)."""
     @pl.loop(first, last)
     def _flush(step):
-        slot = lax.rem(step, jnp.int32(stages))
+        slot = lax.rem(offset + step, jnp.int32(stages))
         plgpu.barrier_wait(k_barriers.at[slot])
         plgpu.barrier_arrive(k_consumed.at[slot])
         plgpu.barrier_wait(v_barriers.at[slot])
