@@ -6,8 +6,9 @@
 Sweep: MHA 16:16, GQA 16:4, MLA (DeepSeek-V2 proportions at E=2048: r=512, d_r=64), CCA C=2 (8:8),
 CCA C=4 (4:4), CCGQA 8:2 and 4:2; E=2048, d=128, bf16 params and activations; S = 1k..64k with
 B = max(1, tokens // S); causal and not; forward and forward+backward (grads of params and x).
-Each method runs on its best attention kernel: the faster of cuDNN and ours ("mosaic") per cell
-and mode among ``--impls`` / ``--bwd_impls`` (MLA: cuDNN with v zero-padded to the q/k head dim
+Each method runs on its best attention kernel: the fastest of cuDNN, ours ("mosaic") and, for
+fwd+bwd, our forward with cuDNN's backward ("mosaic_fwd_cudnn_bwd") per cell and mode among
+``--impls`` / ``--bwd_impls`` (MLA: cuDNN with v zero-padded to the q/k head dim
 192, the only flash kernel here that takes it). CCA/CCGQA use the fused path (`ccajax.cca_fused`)
 with the faster of the ``--prologues`` (jnp, or the sm90 prologue kernel). Timing: ten calls
 per sync for short calls, fewer for long ones (`--target_ms` of device work per sync), median of
@@ -52,7 +53,8 @@ flags.DEFINE_integer("tokens", 16384, "Batch is max(1, tokens // S).")
 flags.DEFINE_list("causal", ["1", "0"], "Mask settings to run (1 causal, 0 none).")
 flags.DEFINE_list("methods", [], "Subset of method names (default: all).")
 flags.DEFINE_list("impls", ["cudnn", "mosaic"], "Attention kernels to try for the forward.")
-flags.DEFINE_list("bwd_impls", ["cudnn", "mosaic"], "Attention kernels to try for fwd+bwd.")
+flags.DEFINE_list("bwd_impls", ["cudnn", "mosaic", "mosaic_fwd_cudnn_bwd"],
+                  "Attention kernels to try for fwd+bwd.")
 flags.DEFINE_list("prologues", ["jnp", "mosaic"], "CCA prologues to try (`cca_attention`'s).")
 flags.DEFINE_integer("breakdown_seq", 16384, "S of the breakdown (B=1).")
 flags.DEFINE_integer("breakdown_compression", 2, "C of the breakdown's CCA layer (2: 8:8, 4: 4:4).")
@@ -136,7 +138,7 @@ def variants(cfg, mode) -> list[tuple[str, str]]:
     """(attention impl, CCA prologue) pairs to time; the prologue is "" for other layers."""
     wanted = FLAGS.impls if mode == "fwd" else FLAGS.bwd_impls
     if isinstance(cfg, MLAConfig):
-        wanted = [i for i in wanted if i != "mosaic"]
+        wanted = [i for i in wanted if not i.startswith("mosaic")]
     prologues = FLAGS.prologues if isinstance(cfg, CCAConfig) else [""]
     return [(i, pro) for i in wanted for pro in prologues]
 

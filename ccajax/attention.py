@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from ccajax.pallas.sm90_common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from ccajax.rope import stats_dtype
 
-IMPLEMENTATIONS = ("xla", "cudnn", "mosaic")
+IMPLEMENTATIONS = ("xla", "cudnn", "mosaic", "mosaic_fwd_cudnn_bwd")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -108,20 +108,39 @@ def on_hopper() -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
-def default_implementation(q, k, v, segment_ids) -> str:
-    """mosaic on Hopper (compute capability 9.x) when our kernels take the call, else cudnn on a
-    GPU when it does, else xla.
+# Where the default keeps our backward kernels (fwd+bwd TF/s on an H200, ours / our forward with
+# cuDNN's backward; benchmarks/results/attention_hybrid_probe_h200_2026-12-01.json and
+# attention_h200_2026-12-01.json): up to 2k ours wins 11 of 12 cells (1k by 6-40%; 2k non-causal
+# 16:16 loses 3%); causal up to 8k ours wins 7 of 9 (4k 8:2 488 / 423, 8k 4:4 514 / 459; 4k and
+# 8k 16:16 lose 1-4%); beyond, cuDNN's backward wins every cell (16k causal 524-545 / 551-573).
+OWN_BACKWARD_MAX_SEQ_K = 2048
+OWN_BACKWARD_MAX_CAUSAL_SEQ_K = 8192
 
-    Why mosaic first on Hopper: on an H100 (benchmarks/results/attention_h100_2026-11-23.json) its
-    forward is 0.96-1.91x cuDNN and forward+backward 0.87-1.47x, and it also takes segment ids
-    and odd lengths, which send cuDNN calls to xla. cuDNN needs bf16/fp16, equal q/v head dims
-    and no segments here; its backward (jax 0.11.2, cuDNN 9.19 on H100) raises
-    NotImplementedError for odd sequence lengths, so those go to xla.
+
+def default_implementation(q, k, v, segment_ids, is_causal: bool = False) -> str:
+    """On Hopper (compute capability 9.x), when our kernels take the call: our forward with
+    cuDNN's backward ("mosaic_fwd_cudnn_bwd") where that backward takes the call and measured
+    faster, else ours both ways ("mosaic"). Elsewhere cudnn on a GPU when it takes the call,
+    else xla.
+
+    Why: our forward leads cuDNN's in most causal cells (H200, 2026-12-01: 1.06-1.39x at 4k and
+    16k) and is within 4% of it non-causal, while cuDNN's backward leads ours by 10-17% at 16k;
+    up to 2k, and causal up to 8k, ours leads (`OWN_BACKWARD_MAX_SEQ_K`,
+    `OWN_BACKWARD_MAX_CAUSAL_SEQ_K`). Our kernels also take segment ids and odd lengths, which
+    send cuDNN calls to xla. cuDNN needs bf16/fp16, equal q/v head dims and no segments here; its
+    backward (jax 0.11.2, cuDNN 9.19 on H100) raises NotImplementedError for odd sequence
+    lengths, so those go to xla.
     """
     if jax.default_backend() != "gpu":
         return "xla"
     if on_hopper() and _mosaic_supports(q, v):
-        return "mosaic"
+        from ccajax.pallas.attention import cudnn_backward_unsupported
+        seq_k = k.shape[1]
+        own_backward_faster = (seq_k <= OWN_BACKWARD_MAX_SEQ_K
+                               or (is_causal and seq_k <= OWN_BACKWARD_MAX_CAUSAL_SEQ_K))
+        if own_backward_faster or cudnn_backward_unsupported(q, k, segment_ids, is_causal):
+            return "mosaic"
+        return "mosaic_fwd_cudnn_bwd"
     even = q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0
     return "cudnn" if even and _cudnn_supports(q, v, segment_ids) else "xla"
 
@@ -139,7 +158,9 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | No
       implementation: ``"xla"`` (plain jnp, always available), ``"cudnn"``
         (``jax.nn.dot_product_attention``, GPU, bf16/fp16, d == dv, no segment_ids; its backward
         needs even lengths), ``"mosaic"`` (our Pallas Mosaic GPU kernels, Hopper, bf16/fp16,
-        d in {64, 128}), or None for :func:`default_implementation` (mosaic on Hopper, else
+        d in {64, 128}), ``"mosaic_fwd_cudnn_bwd"`` (our forward kernel, cuDNN's backward kernel
+        on its residuals: as mosaic, plus no segment_ids, even lengths, Sq == Sk when causal),
+        or None for :func:`default_implementation` (one of the two mosaic ones on Hopper, else
         cudnn where it applies, else xla).
       interpret: run the mosaic kernel on the CPU in Mosaic GPU interpret mode (for tests);
         implies ``implementation="mosaic"``.
@@ -150,7 +171,8 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | No
     if interpret and implementation not in (None, "mosaic"):
         raise ValueError(f"interpret=True runs the mosaic kernel; got implementation={implementation!r}")
     if implementation is None:
-        implementation = "mosaic" if interpret else default_implementation(q, k, v, segment_ids)
+        implementation = ("mosaic" if interpret else
+                          default_implementation(q, k, v, segment_ids, is_causal))
     if implementation == "xla":
         return reference_attention(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids)
     if implementation == "cudnn":
@@ -161,9 +183,10 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | No
                 f"{'given' if segment_ids is not None else 'None'}; use implementation='xla'")
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=is_causal,
                                             implementation="cudnn")
-    if implementation == "mosaic":
+    if implementation in ("mosaic", "mosaic_fwd_cudnn_bwd"):
         # Imported here: Pallas' Mosaic GPU modules load only when the kernel is asked for.
         from ccajax.pallas.attention import mosaic_attention
         return mosaic_attention(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids,
-                                interpret=interpret)
+                                interpret=interpret,
+                                backward="mosaic" if implementation == "mosaic" else "cudnn")
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")

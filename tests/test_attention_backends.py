@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ccajax.attention import dot_product_attention, reference_attention
 
 ON_GPU = jax.default_backend() == "gpu"
-BACKENDS = ["xla", "mosaic"] + (["cudnn"] if ON_GPU else [])
+BACKENDS = ["xla", "mosaic"] + (["cudnn", "mosaic_fwd_cudnn_bwd"] if ON_GPU else [])
 # Max error relative to the reference's largest magnitude. The reference is computed in float32
 # from the same 16-bit inputs, so this bounds the backend's own rounding: P is rounded to the
 # input dtype before the PV matmul (measured worst: bf16 ~8e-3 of |out|max at d=64).
@@ -64,6 +64,10 @@ def supports(backend: str, case: Case) -> str | None:
     """Why ``backend`` cannot run ``case``, or None when it can."""
     if backend == "cudnn" and (case.segments or case.seq_q != case.seq_k or case.seq_q % 2):
         return "cuDNN path takes no segments, Sq != Sk, or odd lengths (backward)"
+    if backend == "mosaic_fwd_cudnn_bwd" and (
+            case.segments or case.seq_q % 2 or case.seq_k % 2
+            or (case.causal and case.seq_q != case.seq_k)):
+        return "cuDNN's backward takes no segments, odd lengths, or causal Sq != Sk"
     return None
 
 
@@ -122,7 +126,7 @@ def test_forward_and_gradients_match_reference(backend, case, request):
         assert rel_err(g, w) <= tol, f"{name}: {rel_err(g, w):.2e} > {tol}"
     if case.causal and case.seq_q > case.seq_k:  # rows with no key: exactly 0
         np.testing.assert_array_equal(np.asarray(got[0][:, : case.seq_q - case.seq_k], np.float32), 0.0)
-    if backend == "cudnn":
+    if backend in ("cudnn", "mosaic_fwd_cudnn_bwd"):
         return  # cuDNN's flash backward accumulates dq with atomics: not bit-reproducible
     # Determinism of ours (xla, mosaic): the same bits on a re-run.
     again = jax.jit(lambda *a: forward_and_grads(lambda *x: attend(backend, *x, **kw), a, d_out))(*args)
@@ -173,3 +177,47 @@ def test_mosaic_rejects_float32():
     (q, k, v), _, _ = make_inputs(Case(1, 64, 64, 2, 2, 64, True, jnp.float32), seed=4)
     with pytest.raises(ValueError, match="q.dtype must be bfloat16 or float16; got q.dtype=float32"):
         dot_product_attention(q, k, v, implementation="mosaic", interpret=not ON_GPU)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(segment_ids=jnp.zeros((1, 64), jnp.int32)), "segment_ids are not passed to cuDNN"),
+    (dict(seq_q=63, seq_k=63), "even sequence lengths; got Sq=63, Sk=63"),
+    (dict(seq_q=32), "agree only for Sq == Sk; got Sq=32, Sk=64"),
+    (dict(interpret=True), "interpret=True runs the mosaic kernel"),
+])
+def test_cudnn_backward_errors(kwargs, match):
+    """The hybrid's limits are named before anything runs (also on the CPU)."""
+    seq_q, seq_k = kwargs.pop("seq_q", 64), kwargs.pop("seq_k", 64)
+    (q, _, _), _, _ = make_inputs(Case(1, seq_q, seq_q, 2, 2, 64, True), seed=5)
+    (_, k, v), _, _ = make_inputs(Case(1, seq_k, seq_k, 2, 2, 64, True), seed=6)
+    with pytest.raises(ValueError, match=match):
+        dot_product_attention(q, k, v, is_causal=True, implementation="mosaic_fwd_cudnn_bwd",
+                              **kwargs)
+
+
+def test_mosaic_backward_name_is_checked():
+    from ccajax.pallas.attention import mosaic_attention
+    (q, k, v), _, _ = make_inputs(Case(1, 64, 64, 2, 2, 64, True), seed=7)
+    with pytest.raises(ValueError, match=r"backward must be one of \('mosaic', 'cudnn'\); got "
+                                         r"backward='triton'"):
+        mosaic_attention(q, k, v, backward="triton")
+
+
+@pytest.mark.parametrize("shape, causal, segments, want", [
+    ((1, 16384, 8, 2), True, False, "mosaic_fwd_cudnn_bwd"),
+    ((2, 8192, 8, 2), True, False, "mosaic"),  # our backward wins causal up to 8k
+    ((2, 4096, 8, 2), False, False, "mosaic_fwd_cudnn_bwd"),
+    ((2, 2048, 8, 2), False, False, "mosaic"),  # and everything up to 2k
+    ((1, 16384, 8, 2), True, True, "mosaic"),  # segments: cuDNN's backward is not used
+    ((2, 8191, 8, 2), False, False, "mosaic"),  # odd length
+])
+def test_default_on_hopper(monkeypatch, shape, causal, segments, want):
+    """The measured rule of `default_implementation`, with a Hopper GPU pretended on any host."""
+    from ccajax import attention
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "on_hopper", lambda: True)
+    b, s, hq, hkv = shape
+    q = jax.ShapeDtypeStruct((b, s, hq, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((b, s, hkv, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((b, s), jnp.int32) if segments else None
+    assert attention.default_implementation(q, k, k, seg, causal) == want

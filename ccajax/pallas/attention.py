@@ -1,8 +1,11 @@
-"""Mosaic GPU attention with a custom VJP: the ``"mosaic"`` backend of the attention dispatch.
+"""Mosaic GPU attention with a custom VJP: the ``"mosaic"`` and ``"mosaic_fwd_cudnn_bwd"``
+backends of the attention dispatch.
 
 Forward: the sm90 flash-attention kernel (`attention_fwd_sm90`), which also returns the
-log-sum-exp. Backward: the sm90 dq and dk/dv kernels (`attention_bwd_sm90`) from the saved q, k,
-v, out and log-sum-exp; the GQA reduction of dk/dv happens inside the kernel.
+log-sum-exp. Backward, from the saved q, k, v, out and log-sum-exp: either the sm90 dq and dk/dv
+kernels (`attention_bwd_sm90`; the GQA reduction of dk/dv happens inside the kernel), or cuDNN's
+flash backward (the custom call behind ``jax.nn.dot_product_attention``'s gradient), which takes
+the same residuals: our log-sum-exp is cuDNN's softmax statistic.
 Under a mesh the kernels run per device over the batch (`sm90_common.over_batch`).
 """
 
@@ -12,6 +15,7 @@ import contextlib
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.pallas.attention_bwd_sm90 import attention_bwd
@@ -19,8 +23,37 @@ from ccajax.pallas.attention_fwd_sm90 import attention_fwd
 from ccajax.pallas.sm90_common import over_batch, vary_like
 
 
+BACKWARDS = ("mosaic", "cudnn")
+
+
+def cudnn_backward_available() -> bool:
+    """Whether this jax has the private cuDNN backward primitive `_cudnn_backward` binds (it
+    does in the pinned jax 0.11.2; a later jax may move it)."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    except ImportError:
+        return False
+    return all(hasattr(cudnn, name) for name in (
+        "_dot_product_attention_bwd_p_wrapper", "MaskType", "AttentionLayout"))
+
+
+def cudnn_backward_unsupported(q, k, segment_ids, is_causal) -> str | None:
+    """Why ``backward="cudnn"`` cannot take this call, or None when it can."""
+    if segment_ids is not None:
+        return "segment_ids are not passed to cuDNN here (use backward='mosaic')"
+    if q.shape[1] % 2 or k.shape[1] % 2:
+        return (f"cuDNN's backward needs even sequence lengths; got Sq={q.shape[1]}, "
+                f"Sk={k.shape[1]}")
+    if is_causal and q.shape[1] != k.shape[1]:
+        return (f"cuDNN aligns a causal mask with the first key, ours with the last: they agree "
+                f"only for Sq == Sk; got Sq={q.shape[1]}, Sk={k.shape[1]}")
+    if not cudnn_backward_available():
+        return f"this jax ({jax.__version__}) lacks the cuDNN backward primitive (tested: 0.11.2)"
+    return None
+
+
 def mosaic_attention(q, k, v, *, is_causal: bool = False, scale: float | None = None,
-                     segment_ids=None, interpret: bool = False):
+                     segment_ids=None, interpret: bool = False, backward: str = "mosaic"):
     """Softmax attention on Hopper through the Mosaic GPU kernels.
 
     Args:
@@ -30,10 +63,21 @@ def mosaic_attention(q, k, v, *, is_causal: bool = False, scale: float | None = 
       segment_ids: (B, S) int32 or None (needs Sq == Sk): tokens attend only within their segment.
       interpret: run the kernels on the CPU under Mosaic GPU interpret mode (simulated TMA,
         barriers and wgmma; slow, for tests).
+      backward: ``"mosaic"`` (our dq and dk/dv kernels) or ``"cudnn"`` (cuDNN's flash backward
+        on our forward's out and log-sum-exp; GPU only, no segment_ids, even Sq and Sk, Sq == Sk
+        when causal: see `cudnn_backward_unsupported`).
     Returns:
       (B, Sq, Hq, d) in q's dtype; rows with no allowed key are 0 (with zero gradients).
     """
-    return over_batch(lambda q, k, v, s: _attention(q, k, v, s, is_causal, scale, interpret),
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}; got backward={backward!r}")
+    if backward == "cudnn":
+        reason = "it runs on a GPU, not in interpret mode" if interpret else \
+            cudnn_backward_unsupported(q, k, segment_ids, is_causal)
+        if reason:
+            raise ValueError(f"backward='cudnn' cannot take this call: {reason}")
+    return over_batch(lambda q, k, v, s: _attention(q, k, v, s, is_causal, scale, interpret,
+                                                    backward),
                       q, k, v, segment_ids)
 
 
@@ -42,12 +86,13 @@ def _interpreted(interpret: bool):
     return plgpu.force_gpu_interpret_mode() if interpret else contextlib.nullcontext()
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention(q, k, v, segment_ids, is_causal, scale, interpret):
-    return _attention_fwd(q, k, v, segment_ids, is_causal, scale, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _attention(q, k, v, segment_ids, is_causal, scale, interpret, backward):
+    return _attention_fwd(q, k, v, segment_ids, is_causal, scale, interpret, backward)[0]
 
 
-def _attention_fwd(q, k, v, segment_ids, is_causal, scale, interpret):
+def _attention_fwd(q, k, v, segment_ids, is_causal, scale, interpret, backward):
+    del backward
     with _interpreted(interpret):
         out, lse = attention_fwd(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids)
     # Typed varying like q under `over_batch`: else shard_map's transpose sums the cotangents.
@@ -55,14 +100,35 @@ def _attention_fwd(q, k, v, segment_ids, is_causal, scale, interpret):
     return out, (q, k, v, segment_ids, out, lse)
 
 
-def _attention_bwd(is_causal, scale, interpret, residuals, d_out):
+def _attention_bwd(is_causal, scale, interpret, backward, residuals, d_out):
     q, k, v, segment_ids, out, lse = residuals
     d_out = vary_like(d_out, out).astype(out.dtype)
-    with _interpreted(interpret):
-        grads = attention_bwd(q, k, v, out, lse, d_out, is_causal=is_causal, scale=scale,
-                              segment_ids=segment_ids)
+    if backward == "cudnn":
+        grads = _cudnn_backward(q, k, v, out, lse, d_out, is_causal=is_causal, scale=scale)
+    else:
+        with _interpreted(interpret):
+            grads = attention_bwd(q, k, v, out, lse, d_out, is_causal=is_causal, scale=scale,
+                                  segment_ids=segment_ids)
     # Integer segment ids have no cotangent.
     return (*(vary_like(g, x) for g, x in zip(grads, (q, k, v))), None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _cudnn_backward(q, k, v, out, lse, d_out, *, is_causal, scale):
+    """(dq, dk, dv) from cuDNN's flash backward on our forward's residuals.
+
+    lse: (B, Hq, Sq_pad) natural-log log-sum-exp of the scaled scores, which is the softmax
+    statistic cuDNN's own forward saves ((B, Hq, Sq) float32); the rows past Sq are padding.
+    The primitive is private to jax (pinned 0.11.2); `cudnn_backward_available` guards it.
+    """
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    unused = jnp.zeros(0, q.dtype)  # no bias, sequence lengths, offsets or page tables
+    return cudnn._dot_product_attention_bwd_p_wrapper.bind(
+        q, k, v, unused, unused, unused, unused, unused, unused, unused,
+        lse[:, :, :q.shape[1]], out, d_out,
+        scale=q.shape[-1] ** -0.5 if scale is None else float(scale), seed=0, dropout_rate=0.0,
+        variadic_args=(False, False),
+        mask_type=cudnn.MaskType.CAUSAL if is_causal else cudnn.MaskType.NO_MASK,
+        layout=cudnn.AttentionLayout.BTNH.value, sliding_window_length=None)
