@@ -90,7 +90,8 @@ from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_ar
                                        check_block_sizes, pad_axis, round_up)
 from ccajax.pallas.sm90_pipeline import (WG_ROWS, KVSteps, check_interpret_threads, col_vec,
                                          in_interpret_mode, kv_flush, matmul, matmul_into,
-                                         ring_producer, row_vec, tile_transforms, zeros_acc)
+                                         next_step_wait, ring_producer, row_vec, tile_transforms,
+                                         zeros_acc)
 
 # Two fp32 (64, d) accumulators plus (64, block) S/dP tiles must fit one warpgroup's registers.
 MAX_BLOCK = 128
@@ -350,12 +351,7 @@ def _dq_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                 plgpu.barrier_wait(v_barriers.at[slot])
 
             def next_kv_waiter(step):
-                # Computed outside the wgmma's `run_state` body, where a concrete kv_steps (a
-                # constant array without a causal mask) would reach Mosaic's lowering as a
-                # bare literal.
-                has_next = step + 1 < kv_steps
-                next_slot = lax.rem(step + 1, jnp.int32(stages))
-                return lambda: pl.when(has_next)(lambda: wait_kv(next_slot))
+                return next_step_wait(step, kv_steps, wait_kv, stages=stages)
 
             def s_and_dp(s_ref, dp_ref, slot):
                 # S = Q K^T and dP = dO V^T back to back: the second wgmma is issued before
@@ -529,11 +525,7 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                 plgpu.barrier_wait(do_barriers.at[slot])
 
             def next_step_waiter(t):
-                # Computed outside a wgmma's `run_state` body, where a concrete bound would
-                # reach Mosaic's lowering as a bare literal.
-                has_next = t + 1 < total_steps
-                next_slot = lax.rem(t + 1, jnp.int32(stages))
-                return lambda: pl.when(has_next)(lambda: wait_slot(next_slot))
+                return next_step_wait(t, total_steps, wait_slot, stages=stages)
 
             def skip_step(qb, carry, *, g):
                 """A q block this warpgroup's keys cannot see (the other warpgroup's can)."""

@@ -81,7 +81,8 @@ from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_ar
                                        check_block_sizes, pad_axis, round_up)
 from ccajax.pallas.sm90_pipeline import (KVSteps, check_interpret_threads, full_rows,
                                          in_interpret_mode, kv_flush, matmul, matmul_into,
-                                         ring_drain, ring_producer, tile_transforms, zeros_acc)
+                                         next_step_wait, ring_drain, ring_producer,
+                                         tile_transforms, zeros_acc)
 
 MAX_BLOCK = 256
 _LN2 = math.log(2.0)
@@ -305,13 +306,9 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                     plgpu.barrier_wait(k_barriers.at[ring_slot(step)])
 
                 def next_k_waiter(step):
-                    # Both computed here, outside the wgmma's `run_state` body: a concrete kv_steps
-                    # (a constant array when there is no causal mask) captured inside it reaches
-                    # Mosaic's lowering as a bare literal.
-                    has_next = step + 1 < kv_steps
-                    next_slot = ring_slot(step + 1)
-                    return lambda: pl.when(has_next)(
-                        lambda: plgpu.barrier_wait(k_barriers.at[next_slot]))
+                    return next_step_wait(step, kv_steps,
+                                          lambda slot: plgpu.barrier_wait(k_barriers.at[slot]),
+                                          stages=stages, first=step0)
 
                 def kv_step(step, carry, *, masked: bool):
                     acc, m_i, l_i = carry

@@ -126,6 +126,17 @@ class KVSteps:
         return steps, jnp.minimum(unmasked, steps)
 
 
+def next_step_wait(step, steps, wait, *, stages, first=0):
+    """A thunk that runs ``wait(slot)`` for step + 1's slot of a ``stages``-slot ring (whose step
+    i sits at position ``first + i``) when ``step + 1 < steps``: the early wait for the next
+    step's operands, issued while a wgmma runs (`matmul_into`'s ``while_running``). Build it
+    outside the wgmma's `run_state` body: a concrete ``steps`` (a constant array) captured inside
+    that body reaches Mosaic's lowering as a bare literal, which fails there."""
+    has_next = step + 1 < steps
+    next_slot = lax.rem(first + step + 1, jnp.int32(stages))
+    return lambda: pl.when(has_next)(lambda: wait(next_slot))
+
+
 def ring_producer(*, copies, steps, stages, first=0, drain=True):
     """Producer warpgroup: fill ``stages``-slot rings for ``steps`` steps.
 
