@@ -55,7 +55,9 @@ def test_bf16_close_to_fp32(rng):
     (((1, 4, 2, 8), (1, 4, 2, 16), (1, 4, 2, 16)), {}, "q and k head dims differ: q 8, k 16"),
     (((1, 4, 2, 8), (1, 5, 2, 8), (1, 4, 2, 8)), {}, "k and v must share"),
     (((4, 2, 8), (1, 4, 2, 8), (1, 4, 2, 8)), {}, r"must be \(B, S, H, d\)"),
-    (((1, 4, 2, 8),) * 3, dict(implementation="triton"), r"implementation must be one of \('xla', 'cudnn', 'mosaic'\)"),
+    (((1, 4, 2, 8),) * 3, dict(implementation="triton"),
+     r"implementation must be one of \('xla', 'cudnn', 'mosaic', 'mosaic_fwd_cudnn_bwd'\) or None, "
+     r"got 'triton'"),
     (((1, 4, 2, 8),) * 3, dict(implementation="cudnn"), r"implementation='cudnn' needs bf16/fp16 inputs.*float32"),
     (((1, 4, 2, 8),) * 3, dict(segment_ids=jnp.zeros((1, 5), jnp.int32)), r"segment_ids must be \(B, S\) = \(1, 4\)"),
 ])
