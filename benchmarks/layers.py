@@ -12,7 +12,11 @@ fwd+bwd, our forward with cuDNN's backward ("mosaic_fwd_cudnn_bwd") per cell and
 192, the only flash kernel here that takes it). CCA/CCGQA use the fused path (`ccajax.cca_fused`)
 with the faster of the ``--prologues`` (jnp, or the sm90 prologue kernel). Timing: ten calls
 per sync for short calls, fewer for long ones (`--target_ms` of device work per sync), median of
-``--repeats`` (`benchmarks/timing.py`, ANCHORS.md's method). Speed-up = MHA latency / latency.
+``--repeats`` syncs (`benchmarks/timing.py`, ANCHORS.md's method). The sweep compiles every
+method and variant of one (mask, S) first and then times them in interleaved rounds, one sync
+each per round, so that drift over the minutes a sweep takes (the same layer moved 3-5% between
+runs on the H200) is shared by MHA and the layers compared with it; a run cut short therefore
+keeps only the (mask, S) cells it finished. Speed-up = MHA latency / latency.
 
 Breakdown (``--mode=breakdown``): the pieces of one CCA layer at S=16k B=1 (plain path and fused
 path: projections, prologue, attention, out-projection), forward and forward+backward.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import statistics
 import sys
 import time
 
@@ -109,9 +114,10 @@ def fwd_and_grad(fn, args, argnums):
     return jax.jit(fn), jax.jit(jax.grad(loss, argnums))
 
 
-def timed(make, *args) -> dict:
-    """{"ms", "compile_s"} of ``make()(*args)`` with the calls per sync scaled to the latency;
-    {"error"} if building or running it fails."""
+def prepared(make, *args) -> dict:
+    """Compile ``make()`` on ``args`` and scale its calls per sync to its latency (``--target_ms``
+    of device work, 1 to 10 calls): {"fn", "compile_s", "calls_per_sync"}, or {"error"} if
+    building or running it fails."""
     try:
         f = make()
         start = time.perf_counter()
@@ -121,10 +127,42 @@ def timed(make, *args) -> dict:
         jax.block_until_ready(f(*args))
         once_ms = 1e3 * (time.perf_counter() - start)
         calls = int(min(10, max(1, FLAGS.target_ms / max(once_ms, 1e-3))))
-        ms = 1e3 * time_call(f, *args, calls_per_sync=calls, repeats=FLAGS.repeats, warmup=1)
-        return {"ms": ms, "compile_s": compile_s, "calls_per_sync": calls}
+        return {"fn": f, "compile_s": compile_s, "calls_per_sync": calls}
     except Exception as e:  # noqa: BLE001 - record why a cell could not run
         return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def interleaved(jobs) -> None:
+    """Time the ``(result, args)`` jobs (results from `prepared`) in ``--repeats`` rounds after a
+    warm-up round, one sync of each job per round, so that drift during the sweep (clocks,
+    temperature) reaches every method alike. Each result gets "ms", its median over the rounds
+    (or "error"), and loses "fn"."""
+    samples = [[] for _ in jobs]
+    for round_ in range(FLAGS.repeats + 1):  # round 0 warms up
+        for times, (res, args) in zip(samples, jobs):
+            if "error" in res:
+                continue
+            try:
+                seconds = time_call(res["fn"], *args, calls_per_sync=res["calls_per_sync"],
+                                    repeats=1, warmup=0)
+            except Exception as e:  # noqa: BLE001 - record why a cell could not run
+                res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                continue
+            if round_:
+                times.append(1e3 * seconds)
+    for times, (res, _) in zip(samples, jobs):
+        res.pop("fn", None)
+        if "error" not in res:
+            res["ms"] = statistics.median(times)
+
+
+def timed(make, *args) -> dict:
+    """{"ms", "compile_s", "calls_per_sync"} of ``make()(*args)`` (median of ``--repeats``
+    syncs), or {"error"}."""
+    res = prepared(make, *args)
+    if "fn" in res:
+        interleaved([(res, args)])
+    return res
 
 
 def inputs(cfg, batch, seq, seed=0):
@@ -144,11 +182,13 @@ def variants(cfg, mode) -> list[tuple[str, str]]:
 
 
 def sweep():
+    """Per (mask, S): every method's variants compiled first, then timed in interleaved rounds."""
     names = FLAGS.methods or None
     rows = []
     for causal in (c == "1" for c in FLAGS.causal):
         for seq in map(int, FLAGS.seq_lens):
             batch = max(1, FLAGS.tokens // seq)
+            cell, jobs = [], []
             for name, cfg in configs(causal).items():
                 if names and name not in names:
                     continue
@@ -160,8 +200,12 @@ def sweep():
                     res = {}
                     for mode, index in (("fwd", 0), ("fwdbwd", 1)):
                         if (impl, pro) in variants(cfg, mode):
-                            res[mode] = timed(lambda: fns()[index], params, x)
+                            res[mode] = prepared(lambda: fns()[index], params, x)
+                            jobs.append((res[mode], (params, x)))
                     row["results"][f"{impl}/{pro}" if pro else impl] = res
+                cell.append(row)
+            interleaved(jobs)
+            for row in cell:
                 for mode in ("fwd", "fwdbwd"):
                     ok = {i: r[mode]["ms"] for i, r in row["results"].items()
                           if "ms" in r.get(mode, {})}
@@ -316,7 +360,8 @@ def save(rows):
     result = dict(device=device_name(), date=datetime.date.today().isoformat(), jax=jax.__version__,
                   command=" ".join(sys.argv), mode=FLAGS.mode, e=E, d=D, dtype="bfloat16",
                   method=f"median of {FLAGS.repeats} syncs, up to 10 calls per sync "
-                         f"({FLAGS.target_ms} ms of work per sync)", rows=rows)
+                         f"({FLAGS.target_ms} ms of work per sync); sweep: methods interleaved, "
+                         "one sync each per round", rows=rows)
     with open(FLAGS.out, "w") as f:
         json.dump(result, f, indent=1)
 
