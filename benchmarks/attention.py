@@ -75,7 +75,7 @@ def format_row(row) -> str:
         peers_tf = [t for n, t in tf.items() if not n.startswith("mosaic") and t]
         ratios = [f"{label}/best {tf[n] / max(peers_tf):.2f}"
                   for n, label in (("mosaic", "ours"), ("mosaic_fwd_cudnn_bwd", "hybrid"))
-                  if tf.get(n) and peers_tf and (mode == "fwdbwd" or n == "mosaic")]
+                  if tf.get(n) and peers_tf]
         parts.append(f"{mode}: " + " ".join(f"{n} {t:4.0f}" if t else f"{n}  err"
                                              for n, t in tf.items()) + " | " + " ".join(ratios))
     return "  ".join(parts)

@@ -17,7 +17,8 @@ def _tokamax():
 def peers():
     """name -> attention(q, k, v, causal), and name -> why it is missing."""
     fns = {impl: (lambda impl: lambda q, k, v, causal: dot_product_attention(
-        q, k, v, is_causal=causal, implementation=impl))(impl) for impl in ("mosaic", "mosaic_fwd_cudnn_bwd", "cudnn", "xla")}
+        q, k, v, is_causal=causal, implementation=impl))(impl)
+           for impl in ("mosaic", "mosaic_fwd_cudnn_bwd", "cudnn", "xla")}
     tokamax_fn, why = _tokamax()
     missing = {}
     if tokamax_fn is None:

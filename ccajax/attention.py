@@ -111,8 +111,8 @@ def on_hopper() -> bool:
 # Where the default keeps our backward kernels (fwd+bwd TF/s on an H200, ours / our forward with
 # cuDNN's backward; benchmarks/results/attention_hybrid_probe_h200_2026-12-01.json and
 # attention_h200_2026-12-01.json): up to 2k ours wins 11 of 12 cells (1k by 6-40%; 2k non-causal
-# 16:16 loses 3%); causal up to 8k ours wins 7 of 9 (4k 8:2 488 / 423, 8k 4:4 514 / 459; 4k and
-# 8k 16:16 lose 1-4%); beyond, cuDNN's backward wins every cell (16k causal 524-545 / 551-573).
+# 16:16 loses 3%); causal at 4k and 8k ours wins 4 of 6 (4k 8:2 488 / 423, 8k 4:4 514 / 459; 4k
+# and 8k 16:16 lose 1-4%); beyond, the hybrid wins every cell (16k causal 524-545 / 551-573).
 OWN_BACKWARD_MAX_SEQ_K = 2048
 OWN_BACKWARD_MAX_CAUSAL_SEQ_K = 8192
 
@@ -123,10 +123,10 @@ def default_implementation(q, k, v, segment_ids, is_causal: bool = False) -> str
     faster, else ours both ways ("mosaic"). Elsewhere cudnn on a GPU when it takes the call,
     else xla.
 
-    Why: our forward leads cuDNN's in most causal cells (H200, 2026-12-01: 1.06-1.39x at 4k and
-    16k) and is within 4% of it non-causal, while cuDNN's backward leads ours by 10-17% at 16k;
-    up to 2k, and causal up to 8k, ours leads (`OWN_BACKWARD_MAX_SEQ_K`,
-    `OWN_BACKWARD_MAX_CAUSAL_SEQ_K`). Our kernels also take segment ids and odd lengths, which
+    Why: our forward beats cuDNN's in every causal cell timed (H200, 2026-12-01: 1.06-1.39x at 4k
+    and 16k) and is at 0.98-1.05x of it non-causal, while our backward alone reaches 83-90% of
+    cuDNN's TF/s at 16k; up to 2k, and causal up to 8k, our backward is the faster one
+    (`OWN_BACKWARD_MAX_SEQ_K`, `OWN_BACKWARD_MAX_CAUSAL_SEQ_K`). Our kernels also take segment ids and odd lengths, which
     send cuDNN calls to xla. cuDNN needs bf16/fp16, equal q/v head dims and no segments here; its
     backward (jax 0.11.2, cuDNN 9.19 on H100) raises NotImplementedError for odd sequence
     lengths, so those go to xla.

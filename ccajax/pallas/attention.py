@@ -40,7 +40,7 @@ def cudnn_backward_available() -> bool:
 def cudnn_backward_unsupported(q, k, segment_ids, is_causal) -> str | None:
     """Why ``backward="cudnn"`` cannot take this call, or None when it can."""
     if segment_ids is not None:
-        return "segment_ids are not passed to cuDNN here (use backward='mosaic')"
+        return "segment_ids are not passed to cuDNN here"
     if q.shape[1] % 2 or k.shape[1] % 2:
         return (f"cuDNN's backward needs even sequence lengths; got Sq={q.shape[1]}, "
                 f"Sk={k.shape[1]}")
@@ -75,7 +75,9 @@ def mosaic_attention(q, k, v, *, is_causal: bool = False, scale: float | None = 
         reason = "it runs on a GPU, not in interpret mode" if interpret else \
             cudnn_backward_unsupported(q, k, segment_ids, is_causal)
         if reason:
-            raise ValueError(f"backward='cudnn' cannot take this call: {reason}")
+            raise ValueError(f"backward='cudnn' (implementation='mosaic_fwd_cudnn_bwd') cannot "
+                             f"take this call: {reason}; use backward='mosaic' "
+                             f"(implementation='mosaic')")
     return over_batch(lambda q, k, v, s: _attention(q, k, v, s, is_causal, scale, interpret,
                                                     backward),
                       q, k, v, segment_ids)
