@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from benchmarks.timing import device_name, time_call
+from benchmarks.timing import device_name, failure, time_call
 from ccajax import decode
 from ccajax.cca import init_cca_params
 from ccajax.config import CCAConfig, MHAConfig, MLAConfig
@@ -132,7 +132,7 @@ def time_attention(cfg, impl, batch, context, in_graph=False, **kernel_options):
             if in_graph:
                 row["us_in_graph"] = 1e6 * time_call(_chained(fn), *args, **timing()) / 10
     except Exception as e:  # noqa: BLE001 - record why a variant could not run
-        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        row["error"] = failure(e)
     return row
 
 
@@ -176,7 +176,7 @@ def check_kernel():
             row["rel_err"] = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
             row["ok"] = bool(row["rel_err"] < 2e-2 and jnp.isfinite(out).all())
         except Exception as e:  # noqa: BLE001
-            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+            row.update(ok=False, error=failure(e))
         rows.append(row)
         print("check", row, flush=True)
     return rows
@@ -240,7 +240,7 @@ def layer_and_model_steps(batch, context, num_layers=4, vocab=32000):
         try:
             row["us"] = 1e6 * _time_model(cfg, impl, batch, context, layers, vocab)
         except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            row["error"] = failure(e)
         rows.append(row)
         print("step", row, flush=True)
     return rows

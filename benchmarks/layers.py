@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks.kernel_profile import kernel_times
-from benchmarks.timing import device_name, time_call
+from benchmarks.timing import device_name, failure, time_call
 from ccajax import cca, cca_fused, costs
 from ccajax._common import cast_tree
 from ccajax.attention import dot_product_attention
@@ -129,7 +129,7 @@ def prepared(make, *args) -> dict:
         calls = int(min(10, max(1, FLAGS.target_ms / max(once_ms, 1e-3))))
         return {"fn": f, "compile_s": compile_s, "calls_per_sync": calls}
     except Exception as e:  # noqa: BLE001 - record why a cell could not run
-        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        return {"error": failure(e)}
 
 
 def interleaved(jobs) -> None:
@@ -146,7 +146,7 @@ def interleaved(jobs) -> None:
                 seconds = time_call(res["fn"], *args, calls_per_sync=res["calls_per_sync"],
                                     repeats=1, warmup=0)
             except Exception as e:  # noqa: BLE001 - record why a cell could not run
-                res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                res["error"] = failure(e)
                 continue
             if round_:
                 times.append(1e3 * seconds)
@@ -257,7 +257,7 @@ def parity(seq: int) -> list:
                 row[prologue] = [float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r))
                                  for g, r in zip(got, ref)]
             except Exception as e:  # noqa: BLE001 - record why a prologue could not run
-                row[prologue] = f"{type(e).__name__}: {str(e)[:300]}"
+                row[prologue] = failure(e)
         rows.append(row)
         print(f"parity {name}: rel err vs f32 [y, dx, dwq, dw1] {row}", flush=True)
     return rows
@@ -344,7 +344,7 @@ def kernels():
             try:
                 row["kernels"] = kernel_times(step, params, x)
             except Exception as e:  # noqa: BLE001 - record why the trace could not be read
-                row["kernels_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                row["kernels_error"] = failure(e)
             rows.append(row)
             save(rows)
             busy = sum(k["ms"] for k in row.get("kernels", []))

@@ -42,12 +42,18 @@ def format_vs_cudnn(row) -> str:
     return " | ".join(parts)
 
 
+def failure(e: Exception) -> str:
+    """Why a benchmark entry could not run, for its JSON: the exception's type and message
+    (cut to 300 characters)."""
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
 def tflops_or_error(fn, *args, flops: float, repeats: int) -> dict:
     """``{"ms", "tflops"}`` of ``fn(*args)`` (jitted), or ``{"error"}`` saying why it failed."""
     try:
         ms = 1e3 * time_call(fn, *args, repeats=repeats)
     except Exception as e:  # noqa: BLE001 - record why a configuration could not run
-        return dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        return dict(error=failure(e))
     return dict(ms=ms, tflops=flops / ms / 1e9)
 
 
