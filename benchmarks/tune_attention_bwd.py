@@ -35,6 +35,8 @@ CONFIGS = {
     "dkv_bq128": dict(dkv_block_q=128),
     "one_wg": dict(dq_block_q=64, dkv_block_kv=64),
     "smem_operands": dict(register_operands=False),
+    "fused_dq": dict(fused_dq=True),
+    "fused_dq_1wg": dict(fused_dq=True, dkv_block_kv=64),
 }
 
 

@@ -12,7 +12,10 @@ import jax.numpy as jnp
 from ccajax.pallas.sm90_common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from ccajax.rope import stats_dtype
 
-IMPLEMENTATIONS = ("xla", "cudnn", "mosaic", "mosaic_fwd_cudnn_bwd")
+IMPLEMENTATIONS = ("xla", "cudnn", "mosaic", "mosaic_deterministic", "mosaic_fwd_cudnn_bwd")
+# The mosaic implementations and the backward each of them runs (`mosaic_attention`).
+_MOSAIC_BACKWARDS = {"mosaic": "mosaic", "mosaic_deterministic": "mosaic_deterministic",
+                     "mosaic_fwd_cudnn_bwd": "cudnn"}
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -113,6 +116,10 @@ def on_hopper() -> bool:
 # attention_h200_2026-12-01.json): up to 2k ours wins 11 of 12 cells (1k by 6-40%; 2k non-causal
 # 16:16 loses 3%); causal at 4k and 8k ours wins 4 of 6 (4k 8:2 488 / 423, 8k 4:4 514 / 459; 4k
 # and 8k 16:16 lose 1-4%); beyond, the hybrid wins every cell (16k causal 524-545 / 551-573).
+# Re-measured with dq summed in the dK/dV kernel (fused_dq, tenth session; *_fused_dq.json):
+# attention alone, ours is now within 2% of the hybrid at 16k and 4k non-causal and 3-17% ahead
+# at 4k causal, but inside the 16k CCA/MHA layers the hybrid's fwd+bwd was 1-7% faster in all
+# 8 cells (layers_h200_2026-12-01_16k_fused_dq_*.json), so the limits stay.
 OWN_BACKWARD_MAX_SEQ_K = 2048
 OWN_BACKWARD_MAX_CAUSAL_SEQ_K = 8192
 
@@ -124,8 +131,8 @@ def default_implementation(q, k, v, segment_ids, is_causal: bool = False) -> str
     else xla.
 
     Why: our forward beats cuDNN's in every causal cell timed (H200, 2026-12-01: 1.06-1.39x at 4k
-    and 16k) and is at 0.98-1.05x of it non-causal, while our backward alone reaches 83-90% of
-    cuDNN's TF/s at 16k; up to 2k, and causal up to 8k, our backward is the faster one
+    and 16k) and is at 0.98-1.05x of it non-causal, while our backward alone reaches 91-97% of
+    cuDNN's TF/s at 16k (83-90% before dq was fused into the dK/dV kernel); up to 2k, and causal up to 8k, our backward is the faster one
     (`OWN_BACKWARD_MAX_SEQ_K`, `OWN_BACKWARD_MAX_CAUSAL_SEQ_K`). Our kernels also take segment ids and odd lengths, which
     send cuDNN calls to xla. cuDNN needs bf16/fp16, equal q/v head dims and no segments here; its
     backward (jax 0.11.2, cuDNN 9.19 on H100) raises NotImplementedError for odd sequence
@@ -158,17 +165,19 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | No
       implementation: ``"xla"`` (plain jnp, always available), ``"cudnn"``
         (``jax.nn.dot_product_attention``, GPU, bf16/fp16, d == dv, no segment_ids; its backward
         needs even lengths), ``"mosaic"`` (our Pallas Mosaic GPU kernels, Hopper, bf16/fp16,
-        d in {64, 128}), ``"mosaic_fwd_cudnn_bwd"`` (our forward kernel, cuDNN's backward kernel
+        d in {64, 128}; dq summed with atomics where d allows), ``"mosaic_deterministic"`` (the
+        same with a separate dq kernel: bit-identical gradients run to run),
+        ``"mosaic_fwd_cudnn_bwd"`` (our forward kernel, cuDNN's backward kernel
         on its residuals: as mosaic, plus no segment_ids, even lengths, Sq == Sk when causal),
         or None for :func:`default_implementation` (one of the two mosaic ones on Hopper, else
         cudnn where it applies, else xla).
-      interpret: run the mosaic kernel on the CPU in Mosaic GPU interpret mode (for tests);
-        implies ``implementation="mosaic"``.
+      interpret: run the mosaic kernels on the CPU in Mosaic GPU interpret mode (for tests);
+        needs ``implementation`` None, ``"mosaic"`` or ``"mosaic_deterministic"``.
     Returns:
       (B, Sq, Hq, dv) in q's dtype.
     """
     _check_inputs(q, k, v, segment_ids)
-    if interpret and implementation not in (None, "mosaic"):
+    if interpret and implementation not in (None, "mosaic", "mosaic_deterministic"):
         raise ValueError(f"interpret=True runs the mosaic kernel; got implementation={implementation!r}")
     if implementation is None:
         implementation = ("mosaic" if interpret else
@@ -183,10 +192,9 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | No
                 f"{'given' if segment_ids is not None else 'None'}; use implementation='xla'")
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=is_causal,
                                             implementation="cudnn")
-    if implementation in ("mosaic", "mosaic_fwd_cudnn_bwd"):
+    if implementation in _MOSAIC_BACKWARDS:
         # Imported here: Pallas' Mosaic GPU modules load only when the kernel is asked for.
         from ccajax.pallas.attention import mosaic_attention
         return mosaic_attention(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids,
-                                interpret=interpret,
-                                backward="mosaic" if implementation == "mosaic" else "cudnn")
+                                interpret=interpret, backward=_MOSAIC_BACKWARDS[implementation])
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")

@@ -56,7 +56,8 @@ def test_bf16_close_to_fp32(rng):
     (((1, 4, 2, 8), (1, 5, 2, 8), (1, 4, 2, 8)), {}, "k and v must share"),
     (((4, 2, 8), (1, 4, 2, 8), (1, 4, 2, 8)), {}, r"must be \(B, S, H, d\)"),
     (((1, 4, 2, 8),) * 3, dict(implementation="triton"),
-     r"implementation must be one of \('xla', 'cudnn', 'mosaic', 'mosaic_fwd_cudnn_bwd'\) or None, "
+     r"implementation must be one of \('xla', 'cudnn', 'mosaic', 'mosaic_deterministic', "
+     r"'mosaic_fwd_cudnn_bwd'\) or None, "
      r"got 'triton'"),
     (((1, 4, 2, 8),) * 3, dict(implementation="cudnn"), r"implementation='cudnn' needs bf16/fp16 inputs.*float32"),
     (((1, 4, 2, 8),) * 3, dict(segment_ids=jnp.zeros((1, 5), jnp.int32)), r"segment_ids must be \(B, S\) = \(1, 4\)"),

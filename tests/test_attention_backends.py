@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ccajax.attention import dot_product_attention, reference_attention
 
 ON_GPU = jax.default_backend() == "gpu"
-BACKENDS = ["xla", "mosaic"] + (["cudnn", "mosaic_fwd_cudnn_bwd"] if ON_GPU else [])
+BACKENDS = ["xla", "mosaic"] + (
+    ["cudnn", "mosaic_fwd_cudnn_bwd", "mosaic_deterministic"] if ON_GPU else [])
 # Max error relative to the reference's largest magnitude. The reference is computed in float32
 # from the same 16-bit inputs, so this bounds the backend's own rounding: P is rounded to the
 # input dtype before the PV matmul (measured worst: bf16 ~8e-3 of |out|max at d=64).
@@ -198,7 +199,7 @@ def test_cudnn_backward_errors(kwargs, match):
 def test_mosaic_backward_name_is_checked():
     from ccajax.pallas.attention import mosaic_attention
     (q, k, v), _, _ = make_inputs(Case(1, 64, 64, 2, 2, 64, True), seed=7)
-    with pytest.raises(ValueError, match=r"backward must be one of \('mosaic', 'cudnn'\); got "
+    with pytest.raises(ValueError, match=r"backward must be one of \('mosaic', 'mosaic_deterministic', 'cudnn'\); got "
                                          r"backward='triton'"):
         mosaic_attention(q, k, v, backward="triton")
 

@@ -66,11 +66,12 @@ def _reference(q, k, v, d_out, *, is_causal, scale, segment_ids=None):
     return out, lse, grads
 
 
-def _run(q, k, v, out, lse, d_out, **kwargs):
-    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+def _run(q, k, v, out, lse, d_out, *, detect_races=True, **kwargs):
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=detect_races)):
         grads = attention_bwd(q, k, v, out, lse, d_out, **kwargs)
         grads = [np.asarray(g.astype(jnp.float32)) for g in grads]
-    assert not gpu_interpret.get_races().races_found, "interpreter found a data race"
+    if detect_races:
+        assert not gpu_interpret.get_races().races_found, "interpreter found a data race"
     return grads
 
 
@@ -85,6 +86,7 @@ def _assert_close(grads, ref_grads, dtype, names=("dq", "dk", "dv")):
 
 
 def _check(q, k, v, d_out, *, is_causal, scale=None, segment_ids=None, **kwargs):
+    """Kernel gradients vs the reference; kwargs go to attention_bwd (and _run)."""
     scale_val = q.shape[-1] ** -0.5 if scale is None else scale
     out, lse, ref_grads = _reference(q, k, v, d_out, is_causal=is_causal, scale=scale_val,
                                      segment_ids=segment_ids)
@@ -151,6 +153,38 @@ def test_explicit_minus_inf_lse_rows_contribute_nothing(rng):
     _, _, (_, dk_ref, dv_ref) = _reference(q, k, v, d_out_live, is_causal=False, scale=scale)
     _assert_close([dk, dv], [dk_ref, dv_ref], q.dtype, names=("dk", "dv"))
     assert not np.isnan(dq).any() and np.any(dq[:, live] != 0.0)
+
+
+# fused_dq: the dK/dV kernel also sums dQ. The interpreter lacks TMA reduce-adds and stands in
+# a read-add-write, which is exact there (CTAs run one after another) but which its race
+# detector rightly reports when two CTAs add to the same dQ rows, i.e. with more than one kv
+# block per head: those cases run without the detector (the in-CTA barriers are checked by the
+# one-block cases; the reduce-add itself only by the GPU tests below).
+FUSED_CASES = {
+    # id: ((batch, Sq, Sk, Hq, Hkv, d), is_causal, extra kwargs)
+    "gqa2-s100-d128-causal": ((1, 100, 100, 4, 2, 128), True, {}),
+    "gqa2-s100-d128-full": ((1, 100, 100, 4, 2, 128), False, {}),
+    "gqa8-s128-d128-full": ((1, 128, 128, 8, 1, 128), False, {}),
+    "gqa4-s64-d64-causal": ((2, 64, 64, 4, 1, 64), True, {}),  # d=64: one warpgroup per CTA
+    "mha-s1-d64": ((1, 1, 1, 2, 2, 64), True, {}),
+    "s200-causal-2kv-blocks": ((1, 200, 200, 4, 2, 128), True, {}),
+    "sq100-sk170-causal-1wg": ((1, 100, 170, 4, 2, 128), True, dict(dkv_block_kv=64)),
+    "sq200-sk130-full-d64": ((1, 200, 130, 4, 2, 64), False, dict(dkv_block_kv=64)),
+}
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES.values()), ids=list(FUSED_CASES))
+def test_fused_dq(rng, case):
+    (batch, seq_q, seq_k, hq, hkv, d), is_causal, extra = case
+    one_kv_block = seq_k <= extra.get("dkv_block_kv", 128)
+    _check(*_inputs(rng, jnp.bfloat16, batch, seq_q, seq_k, hq, hkv, d), is_causal=is_causal,
+           fused_dq=True, detect_races=one_kv_block, **extra)
+
+
+def test_fused_dq_segments_and_fp16(rng):
+    seg = _packed_segments(1, 100, [7, 50, 1, 30, 12])
+    _check(*_inputs(rng, jnp.float16, 1, 100, 100, 4, 2, 128), is_causal=True,
+           segment_ids=seg, fused_dq=True)
 
 
 def _packed_segments(batch, seq, lengths):
@@ -249,13 +283,24 @@ def _args(**over):
      r"segment_ids need Sq == Sk; got Sq=64, Sk=32"),
     (dict(q_shape=(1, 128, 4, 128), k_shape=(1, 128, 2, 128), v_shape=(1, 128, 2, 128),
           o_shape=(1, 128, 4, 128), d_shape=(1, 128, 4, 128), l_shape=(1, 4, 128),
-          segment_ids=jnp.zeros((1, 128), jnp.int32), dq_block_kv=128, stages=4),
+          segment_ids=jnp.zeros((1, 128), jnp.int32), dq_block_kv=128, stages=4,
+          fused_dq=False),
      r"dq_block_q=128, dq_block_kv=128 with d=128, stages=4 and segment_ids need \d+ bytes of "
      r"shared memory"),
+    (dict(q_shape=(1, 256, 4, 64), k_shape=(1, 256, 2, 64), v_shape=(1, 256, 2, 64),
+          o_shape=(1, 256, 4, 64), d_shape=(1, 256, 4, 64), l_shape=(1, 4, 256),
+          fused_dq=True),
+     r"fused_dq needs d / \(dkv_block_kv / 64\) to be a multiple of 64 .*; got d=64, "
+     r"dkv_block_kv=128"),
+    (dict(fused_dq="yes"), r"fused_dq must be True, False or None; got fused_dq='yes'"),
+    (dict(q_shape=(1, 128, 4, 128), k_shape=(1, 128, 2, 128), v_shape=(1, 128, 2, 128),
+          o_shape=(1, 128, 4, 128), d_shape=(1, 128, 4, 128), l_shape=(1, 4, 128),
+          fused_dq=True, dkv_block_q=128),
+     r"dkv_block_q=128, dkv_block_kv=128 with d=128, stages=2 and fused_dq need \d+ bytes"),
 ], ids=["f32", "mixed-dtypes", "lse-dtype", "d96", "hkv-not-dividing", "dq_block_q96",
         "dkv_block_kv256", "stages1", "k-v-shapes", "batch", "q-3d", "out-shape", "d_out-shape", "lse-shape",
         "zero-scale", "causal-int", "segment-shape", "segment-dtype", "segment-sq-ne-sk",
-        "smem-dq-b128-stages4"])
+        "smem-dq-b128-stages4", "fused-d64-2wg", "fused-not-bool", "smem-fused-bq128"])
 def test_errors(over, match):
     arrays, kwargs = _args(**over)
     with pytest.raises(ValueError, match=match):
@@ -271,8 +316,10 @@ _GPU_REASON = "compiles the kernels for a real Hopper GPU; CPU runs use interpre
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("config", [
     {}, dict(dq_block_q=64, dkv_block_kv=64), dict(dq_block_kv=128, dkv_block_q=128),
-    dict(stages=3), dict(register_operands=False)],
-    ids=["default", "1wg", "b128", "stages3", "smem-operands"])
+    dict(stages=3), dict(register_operands=False), dict(fused_dq=True),
+    dict(fused_dq=True, dkv_block_kv=64), dict(fused_dq=True, register_operands=False)],
+    ids=["default", "1wg", "b128", "stages3", "smem-operands", "fused", "fused-1wg",
+         "fused-smem-operands"])
 def test_compiled_on_gpu(rng, config, is_causal):
     q, k, v, d_out = _inputs(rng, jnp.bfloat16, 2, 1000, 1000, 8, 2, 128)
     out, lse, ref_grads = _reference(q, k, v, d_out, is_causal=is_causal, scale=128 ** -0.5)
@@ -282,13 +329,15 @@ def test_compiled_on_gpu(rng, config, is_causal):
 
 
 @pytest.mark.skipif(not _ON_GPU, reason=_GPU_REASON)
-def test_compiled_on_gpu_segments_and_d64(rng):
+@pytest.mark.parametrize("config", [{}, dict(fused_dq=True, dkv_block_kv=64)],
+                         ids=["default", "fused"])
+def test_compiled_on_gpu_segments_and_d64(rng, config):
     seg = _packed_segments(2, 1000, [100, 400, 1, 299, 200])
     q, k, v, d_out = _inputs(rng, jnp.float16, 2, 1000, 1000, 4, 4, 64)
     out, lse, ref_grads = _reference(q, k, v, d_out, is_causal=True, scale=64 ** -0.5,
                                      segment_ids=seg)
     grads = attention_bwd(q, k, v, out.astype(q.dtype), lse, d_out, is_causal=True,
-                          scale=None, segment_ids=seg)
+                          scale=None, segment_ids=seg, **config)
     _assert_close([np.asarray(g.astype(jnp.float32)) for g in grads], ref_grads, q.dtype)
 
 
@@ -301,9 +350,10 @@ def test_interpret_mode_refuses_a_thread_pool_that_would_deadlock(monkeypatch):
             attention_bwd(*arrays, **kwargs)
 
 
+@pytest.mark.parametrize("fused_dq", [False, True], ids=["dq-kernel", "fused-dq"])
 @pytest.mark.parametrize("segments", [False, True], ids=["nosegs", "segs"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
-def test_lowers_for_the_gpu(is_causal, segments):
+def test_lowers_for_the_gpu(is_causal, segments, fused_dq):
     """Mosaic's lowering of both kernels' GPU build (register operands, 8:2, d=128) on a
     CPU-only jaxlib: it rejects what the interpreter accepts (a constant loop bound inside a
     wgmma's `run_state` body once did, in the forward)."""
@@ -314,6 +364,6 @@ def test_lowers_for_the_gpu(is_causal, segments):
 
     def backward(q, k, v, out, lse, d_out, ids):
         return attention_bwd(q, k, v, out, lse, d_out, is_causal=is_causal, scale=None,
-                             segment_ids=ids, register_operands=True)
+                             segment_ids=ids, register_operands=True, fused_dq=fused_dq)
 
     jax.jit(backward).trace(q, k, k, q, lse, q, ids).lower(lowering_platforms=("cuda",))

@@ -2,8 +2,9 @@
 backends of the attention dispatch.
 
 Forward: the sm90 flash-attention kernel (`attention_fwd_sm90`), which also returns the
-log-sum-exp. Backward, from the saved q, k, v, out and log-sum-exp: either the sm90 dq and dk/dv
-kernels (`attention_bwd_sm90`; the GQA reduction of dk/dv happens inside the kernel), or cuDNN's
+log-sum-exp. Backward, from the saved q, k, v, out and log-sum-exp: either the sm90 backward
+kernels (`attention_bwd_sm90`; the GQA reduction of dk/dv happens inside the kernel; dq by TMA
+reduce-adds from the dk/dv kernel, or, bit-reproducibly, by its own kernel), or cuDNN's
 flash backward (the custom call behind ``jax.nn.dot_product_attention``'s gradient), which takes
 the same residuals: our log-sum-exp is cuDNN's softmax statistic.
 Under a mesh the kernels run per device over the batch (`sm90_common.over_batch`).
@@ -23,7 +24,7 @@ from ccajax.pallas.attention_fwd_sm90 import attention_fwd
 from ccajax.pallas.sm90_common import over_batch, vary_like
 
 
-BACKWARDS = ("mosaic", "cudnn")
+BACKWARDS = ("mosaic", "mosaic_deterministic", "cudnn")
 
 
 def cudnn_backward_available() -> bool:
@@ -63,9 +64,12 @@ def mosaic_attention(q, k, v, *, is_causal: bool = False, scale: float | None = 
       segment_ids: (B, S) int32 or None (needs Sq == Sk): tokens attend only within their segment.
       interpret: run the kernels on the CPU under Mosaic GPU interpret mode (simulated TMA,
         barriers and wgmma; slow, for tests).
-      backward: ``"mosaic"`` (our dq and dk/dv kernels) or ``"cudnn"`` (cuDNN's flash backward
-        on our forward's out and log-sum-exp; GPU only, no segment_ids, even Sq and Sk, Sq == Sk
-        when causal: see `cudnn_backward_unsupported`).
+      backward: ``"mosaic"`` (our backward kernels; on a GPU dq is summed with TMA reduce-adds
+        where d allows, so its last bits vary between runs), ``"mosaic_deterministic"`` (our
+        separate dq kernel: bit-identical gradients run to run; 2-16% slower backward at 16k on
+        an H200) or ``"cudnn"`` (cuDNN's flash backward on our forward's out and log-sum-exp;
+        GPU only, no segment_ids, even Sq and Sk, Sq == Sk when causal: see
+        `cudnn_backward_unsupported`; its dq also uses atomics).
     Returns:
       (B, Sq, Hq, d) in q's dtype; rows with no allowed key are 0 (with zero gradients).
     """
@@ -110,7 +114,8 @@ def _attention_bwd(is_causal, scale, interpret, backward, residuals, d_out):
     else:
         with _interpreted(interpret):
             grads = attention_bwd(q, k, v, out, lse, d_out, is_causal=is_causal, scale=scale,
-                                  segment_ids=segment_ids)
+                                  segment_ids=segment_ids,
+                                  fused_dq=False if backward == "mosaic_deterministic" else None)
     # Integer segment ids have no cotangent.
     return (*(vary_like(g, x) for g, x in zip(grads, (q, k, v))), None)
 

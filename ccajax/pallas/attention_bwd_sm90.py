@@ -28,14 +28,19 @@ Wrapper pre-pass (plain jnp, outside the kernels)
 * Tails: Sq and Sk are zero-padded up to a multiple of the larger block of each axis (a copy,
   only when needed); the outputs are sliced back.
 
-Two kernels, both warp-specialised like the forward
-----------------------------------------------------
+One or two kernels, warp-specialised like the forward
+-----------------------------------------------------
 Each CTA has one or two compute warpgroups (64 rows each: ``block / 64``) and one producer
 warpgroup that streams the operands of the loop through a ``stages``-slot TMA ring; a slot is
 refilled once every compute warpgroup has arrived on its "consumed" barrier. With two compute
-warpgroups the registers are split 240 / 24 (compute / producer). No atomics anywhere: dq, dk
-and dv are each written by exactly one CTA, so the backward is deterministic (bit-identical
-across runs).
+warpgroups the registers are split 240 / 24 (compute / producer).
+
+* ``fused_dq`` (the GPU default where d allows): only the dK/dV kernel runs, and it adds each
+  step's dQ share into a zeroed fp32 buffer by TMA reduce-adds; dq = scale * buffer afterwards.
+  5 matmuls per (key tile, query tile) instead of 7, but the order of the fp32 additions varies
+  between runs, so dq is not bit-reproducible.
+* otherwise a dQ kernel recomputes S and dP: no atomics anywhere, dq, dk and dv are each
+  written by exactly one CTA, so the backward is bit-identical across runs.
 
 * dQ kernel, grid ``(Hq, Sq / dq_block_q, B)``: each compute warpgroup loads its 64 query rows
   of q, dO, lse2 and delta once; the producer streams k and v tiles of ``dq_block_kv`` keys
@@ -50,7 +55,16 @@ across runs).
   sequence (query head g of the kv head's group, q block), so the GQA reduction over the group
   happens inside the kernel and the prefetch runs across the head boundary. Per step: S^T and
   dP^T issued back to back, then dV += P^T dO and dK += dS^T Q issued back to back, during
-  which the next step's operands are awaited. The warpgroup works
+  which the next step's operands are awaited. The q blocks are walked from the last down, so
+  the CTAs of a kv head read the same q/dO tiles (and add into the same dQ rows) at about the
+  same time: from L2, also under a causal mask (walking up made the fused kernel 2-10% slower
+  there).
+  fused_dq: each warpgroup also stores its dS^T rows to a shared tile (two, by step parity),
+  the warpgroups meet on a barrier, and each computes dQ for its half of the head dim,
+  dS K[:, half] (A: the transposed dS^T tile, B: a column slice of the CTA's k tile), and
+  reduce-adds it from a swizzled fp32 staging tile. Its dK wgmma reads dS^T from that tile
+  too, which frees registers for the dQ accumulator. Both warpgroups take every step (a q
+  block only one warpgroup's keys see runs masked on the other). The warpgroup works
   in the transposed orientation, S^T = K Q^T (rows are keys), so P^T and dS^T are directly the A
   operands of dV += P^T dO and dK += dS^T Q and the per-query lse2 / delta are per-column
   vectors (``WGMMA.reduce(0)``). Causal: q blocks no key of the CTA sees are never loaded; a
@@ -113,12 +127,29 @@ def _dq_smem_bytes(block_q, block_kv, head_dim, stages, register, segments) -> i
     return n
 
 
-def _dkv_smem_bytes(block_q, block_kv, head_dim, stages, register, segments) -> int:
+def _dkv_smem_bytes(block_q, block_kv, head_dim, stages, register, segments,
+                    fused_dq=False) -> int:
     n = (2 * _buf(block_kv, head_dim) + 2 * _buf(stages, block_q, head_dim)
          + 2 * _buf(stages, block_q, itemsize=4) + 1024)
     n += 0 if register else _buf(block_kv, block_q)
     n += _buf(block_kv, itemsize=4) + _buf(stages, block_q, itemsize=4) if segments else 0
+    # dS^T twice (step parity) and the fp32 dQ tile staged for its reduce-add.
+    n += 2 * _buf(block_kv, block_q) + _buf(block_q, head_dim, itemsize=4) if fused_dq else 0
     return n
+
+
+def fused_dq_unsupported(head_dim: int, dkv_block_kv: int) -> str | None:
+    """Why the dK/dV kernel cannot also accumulate dQ for these sizes, or None if it can.
+
+    Its compute warpgroups split dQ's columns between them, and a wgmma B operand sliced out of
+    the swizzled k tile must span whole 64-column tiles.
+    """
+    cols = head_dim // (dkv_block_kv // WG_ROWS)
+    if cols % 64:
+        return (f"fused_dq needs d / (dkv_block_kv / 64) to be a multiple of 64 (each compute "
+                f"warpgroup's share of dQ's columns); got d={head_dim}, "
+                f"dkv_block_kv={dkv_block_kv}")
+    return None
 
 
 def _clamp_block(block: int, seq: int) -> int:
@@ -129,7 +160,7 @@ def _clamp_block(block: int, seq: int) -> int:
 def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | None,
                   segment_ids=None, dq_block_q: int = 128, dq_block_kv: int | None = None,
                   dkv_block_q: int = 64, dkv_block_kv: int = 128, stages: int = 2,
-                  register_operands: bool | None = None):
+                  register_operands: bool | None = None, fused_dq: bool | None = None):
     """Flash-attention backward on Hopper; see the module docstring for the kernel layout.
 
     Args:
@@ -150,6 +181,14 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
       register_operands: feed P^T, dS^T and dS to their wgmmas from registers and update the
         accumulators in place (True, GPU only) or stage them in shared memory (False). None:
         registers on a GPU, shared memory under ``plgpu.force_gpu_interpret_mode``.
+      fused_dq: True: the dK/dV kernel also computes dQ from its dS tiles and adds it into an
+        fp32 buffer with TMA reduce-adds (FlashAttention-3's structure: 5 matmuls per tile
+        instead of 7; the order of the additions, so dq's last bits, varies between GPU runs).
+        Needs d / (dkv_block_kv / 64) to be a multiple of 64 (``fused_dq_unsupported``).
+        False: a separate dQ kernel recomputes S and dP (bit-reproducible). None: True on a
+        GPU where supported and the tiles fit in shared memory, else False. The interpreter has no TMA reduction: there True
+        stands in a read-add-write, exact only because interpreted CTAs run one after another
+        (its race detector reports it when two CTAs add to the same rows).
     Returns:
       (dq, dk, dv) with the shapes and dtype of q, k, v.
     Raises:
@@ -173,6 +212,18 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
         check_interpret_threads(max(dq_block_q, dkv_block_kv) // WG_ROWS + 1)
     seq_q, seq_k, head_dim = q.shape[1], k.shape[1], q.shape[3]
     segments = segment_ids is not None
+    if fused_dq not in (None, True, False):
+        raise ValueError(f"fused_dq must be True, False or None; got fused_dq={fused_dq!r}")
+    dkv_blocks = (_clamp_block(dkv_block_q, seq_q), _clamp_block(dkv_block_kv, seq_k))
+    why_not_fused = fused_dq_unsupported(head_dim, dkv_blocks[1])
+    if fused_dq and why_not_fused:
+        raise ValueError(why_not_fused)
+    if fused_dq is None:
+        # benchmarks/tune_attention_bwd.py, H200 (2026-12-01): +2-16% backward TF/s at 16k,
+        # -3% to +9% at 4k (results/tune_attention_bwd_h200_2026-12-01_fused_dq*.json).
+        fused_dq = (not why_not_fused and not in_interpret_mode()
+                    and _dkv_smem_bytes(*dkv_blocks, head_dim, stages, register_operands,
+                                        segments, fused_dq=True) <= SMEM_LIMIT_BYTES)
     if dq_block_kv is None:
         # benchmarks/tune_attention_bwd.py on an H100 (S=16k, d=128): 128 keys per step beat 64
         # by 0-3% in 5 of 6 cells (results/tune_attention_bwd_h100_2026-11-23.json).
@@ -180,14 +231,16 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
                               stages, register_operands, segments) <= SMEM_LIMIT_BYTES
         dq_block_kv = 128 if fits else 64
     dq_blocks = (_clamp_block(dq_block_q, seq_q), _clamp_block(dq_block_kv, seq_k))
-    dkv_blocks = (_clamp_block(dkv_block_q, seq_q), _clamp_block(dkv_block_kv, seq_k))
-    for name, blocks, smem_bytes in (("dq", dq_blocks, _dq_smem_bytes),
-                                     ("dkv", dkv_blocks, _dkv_smem_bytes)):
+    dkv_smem = functools.partial(_dkv_smem_bytes, fused_dq=fused_dq)
+    kernels = (("dkv", dkv_blocks, dkv_smem),) + (
+        () if fused_dq else (("dq", dq_blocks, _dq_smem_bytes),))
+    for name, blocks, smem_bytes in kernels:
         need = smem_bytes(*blocks, head_dim, stages, register_operands, segments)
         if need > SMEM_LIMIT_BYTES:
             raise ValueError(
                 f"{name}_block_q={blocks[0]}, {name}_block_kv={blocks[1]} with d={head_dim}, "
-                f"stages={stages}{' and segment_ids' if segments else ''} need {need} bytes of "
+                f"stages={stages}{' and segment_ids' if segments else ''}"
+                f"{' and fused_dq' if fused_dq else ''} need {need} bytes of "
                 f"shared memory, more than the {SMEM_LIMIT_BYTES} an sm90 CTA has; use smaller "
                 f"blocks or fewer stages")
     scale = head_dim ** -0.5 if scale is None else float(scale)
@@ -195,7 +248,7 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
         segment_ids = segment_ids.astype(jnp.int32)
     return _attention_bwd(q, k, v, out, lse, d_out, segment_ids, is_causal=is_causal,
                           scale=scale, dq_blocks=dq_blocks, dkv_blocks=dkv_blocks, stages=stages,
-                          register=bool(register_operands))
+                          register=bool(register_operands), fused_dq=fused_dq)
 
 
 def _check_residuals(q, out, lse, d_out) -> None:
@@ -229,6 +282,7 @@ class _Problem:
     scale: float
     has_segments: bool
     register: bool
+    fused_dq: bool
 
     @property
     def group(self) -> int:
@@ -246,16 +300,17 @@ class _Problem:
 
 
 @functools.partial(jax.jit, static_argnames=("is_causal", "scale", "dq_blocks", "dkv_blocks",
-                                             "stages", "register"))
+                                             "stages", "register", "fused_dq"))
 def _attention_bwd(q, k, v, out, lse, d_out, segment_ids, *, is_causal, scale, dq_blocks,
-                   dkv_blocks, stages, register):
+                   dkv_blocks, stages, register, fused_dq):
     batch, seq_q, num_q_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
     # One padding serves both kernels: every block size is 64 or 128.
     seq_q_pad = round_up(seq_q, max(dq_blocks[0], dkv_blocks[0]))
     seq_k_pad = round_up(seq_k, max(dq_blocks[1], dkv_blocks[1]))
     prob = _Problem(batch, seq_q, seq_k, seq_q_pad, seq_k_pad, num_q_heads, num_kv_heads,
-                    head_dim, q.dtype, is_causal, scale, segment_ids is not None, register)
+                    head_dim, q.dtype, is_causal, scale, segment_ids is not None, register,
+                    fused_dq)
 
     # --- jnp pre-pass: delta, lse in log2 units with "no key" rows -> +inf, padding ---------
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
@@ -267,16 +322,23 @@ def _attention_bwd(q, k, v, out, lse, d_out, segment_ids, *, is_causal, scale, d
         # One padded id array serves queries and keys (Sq == Sk); padded positions are masked
         # by other means (lse2 = +inf rows, j < Sk, sliced rows).
         inputs += (pad_axis(segment_ids, 1, max(seq_q_pad, seq_k_pad)),)
-    dk, dv = _dkv_kernel(prob, *dkv_blocks, stages)(*inputs)
-    dq = _dq_kernel(prob, *dq_blocks, stages)(*inputs)
+    if fused_dq:
+        # Every dK/dV CTA adds its share into dq_sum: a zeroed buffer the kernel updates in
+        # place (a Ref argument), unscaled fp32 until all shares are in.
+        dq_sum = jax.new_ref(jnp.zeros((batch, seq_q_pad, num_q_heads, head_dim), jnp.float32))
+        dk, dv = _dkv_kernel(prob, *dkv_blocks, stages)(*inputs, dq_sum)
+        dq = (dq_sum[...] * scale).astype(q.dtype)
+    else:
+        dk, dv = _dkv_kernel(prob, *dkv_blocks, stages)(*inputs)
+        dq = _dq_kernel(prob, *dq_blocks, stages)(*inputs)
     return dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k]
 
 
-def _unpack(refs, has_segments, num_outputs):
-    """Kernel refs -> (q, k, v, d_out, lse2, delta, segment ids or None, *outputs)."""
+def _unpack(refs, has_segments, num_rest):
+    """Kernel refs -> (q, k, v, d_out, lse2, delta, segment ids or None, *the next num_rest)."""
     if has_segments:
-        return refs
-    return (*refs[:6], None, *refs[6:6 + num_outputs])
+        return refs[:7 + num_rest]
+    return (*refs[:6], None, *refs[6:6 + num_rest])
 
 
 # ================================ dQ kernel ===============================================
@@ -450,6 +512,8 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
     num_q_blocks = p.seq_q_pad // block_q
     num_kv_blocks = p.seq_k_pad // block_kv
     shape = (WG_ROWS, block_q)  # S^T, P^T, dP^T, dS^T of one warpgroup: its keys x the queries
+    dq_cols = p.head_dim // wgs  # fused_dq: each warpgroup's share of dQ's columns
+    interpret = not p.register and in_interpret_mode()
 
     def q_range(kv_start, rows):
         """(first q block that sees any of keys [kv_start, +rows), first q block that sees all
@@ -466,9 +530,14 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
         return lo, jnp.clip(free, lo, num_q_blocks)
 
     def kernel(*refs, k_smem, v_smem, q_smem, do_smem, pt_smem, lse_smem, delta_smem,
-               segk_smem, segq_smem, kv_barriers, q_barriers, do_barriers, consumed):
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dk_ref, dv_ref = _unpack(
-            refs, p.has_segments, 2)
+               segk_smem, segq_smem, dst_smem, dq_smem, kv_barriers, q_barriers, do_barriers,
+               consumed, dst_ready, dq_loaded):
+        if p.fused_dq:
+            (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dq_sum_ref, dk_ref,
+             dv_ref) = _unpack(refs, p.has_segments, 3)
+        else:
+            q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dk_ref, dv_ref = _unpack(
+                refs, p.has_segments, 2)
         kv_head = lax.axis_index("heads")
         b = lax.axis_index("batch")
         wg = lax.axis_index("wg")
@@ -476,8 +545,10 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
         # the head), so the light blocks fill the tail.
         cta_kv_start = lax.axis_index("kv_blocks") * block_kv
         cta_q_lo, _ = q_range(cta_kv_start, block_kv)
-        # Flat step t = (query head g of the group, q block cta_q_lo + i): the producer's
-        # prefetch runs across the head boundary.
+        # Flat step t = (query head g of the group, i): the producer's prefetch runs across the
+        # head boundary. Step i visits q block num_q_blocks - 1 - i: last to first, so that
+        # the CTAs of a kv head read the same q/dO tiles and (fused_dq) add into the same dQ
+        # rows at about the same time, from L2, even under a causal mask.
         steps_per_head = num_q_blocks - cta_q_lo
         total_steps = p.group * steps_per_head
 
@@ -488,7 +559,8 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
 
             def issue(t, slot):
                 head = kv_head * p.group + lax.div(t, steps_per_head)
-                rows = pl.ds((cta_q_lo + lax.rem(t, steps_per_head)) * block_q, block_q)
+                rows = pl.ds((num_q_blocks - 1 - lax.rem(t, steps_per_head)) * block_q,
+                             block_q)
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows, head], q_smem.at[slot],
                                         q_barriers.at[slot])
                 plgpu.copy_gmem_to_smem(lse_ref.at[b, head, rows], lse_smem.at[slot],
@@ -509,14 +581,20 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                 plgpu.set_max_registers(_COMPUTE_REGS, action="increase")
             kv_start = cta_kv_start + wg * WG_ROWS
             kv_rows = pl.ds(kv_start, WG_ROWS)
+            # k is one (block_kv, d) tile: the fused dQ wgmma reads every key of the CTA.
+            k_tile = k_smem.at[pl.ds(wg * WG_ROWS, WG_ROWS)]
             bar = kv_barriers.at[wg]
-            plgpu.copy_gmem_to_smem(k_ref.at[b, kv_rows, kv_head], k_smem.at[wg], bar)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, kv_rows, kv_head], k_tile, bar)
             plgpu.copy_gmem_to_smem(v_ref.at[b, kv_rows, kv_head], v_smem.at[wg], bar)
             if p.has_segments:
                 plgpu.copy_gmem_to_smem(seg_ref.at[b, kv_rows], segk_smem.at[wg], bar)
             plgpu.barrier_wait(bar)
             k_seg = row_vec(segk_smem.at[wg]) if p.has_segments else None  # keys are rows
             q_lo, q_free = q_range(kv_start, WG_ROWS)
+            if p.fused_dq:
+                # Both warpgroups take part in every step's dQ, so neither skips a q block:
+                # the ones its keys cannot see run masked (P^T = 0).
+                q_lo = cta_q_lo
 
             # Every step's operands (q, lse2 and dO, delta) are awaited one step early: during
             # the previous step's last wgmmas (or before the first step).
@@ -527,9 +605,9 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
             def next_step_waiter(t):
                 return next_step_wait(t, total_steps, wait_slot, stages=stages)
 
-            def skip_step(qb, carry, *, g):
+            def skip_step(i, carry, *, g):
                 """A q block this warpgroup's keys cannot see (the other warpgroup's can)."""
-                t = g * steps_per_head + (qb - cta_q_lo)
+                t = g * steps_per_head + i
                 plgpu.barrier_arrive(consumed.at[lax.rem(t, jnp.int32(stages))])
                 next_step_waiter(t)()
                 return carry
@@ -537,13 +615,14 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
             def st_dpt(st_ref, dpt_ref, q_tile, do_tile):
                 # S^T = K Q^T (rows are keys, columns are queries) and dP^T = V dO^T, issued
                 # back to back before either result is awaited.
-                plgpu.wgmma(st_ref, k_smem.at[wg], q_tile.transpose((1, 0)))
+                plgpu.wgmma(st_ref, k_tile, q_tile.transpose((1, 0)))
                 plgpu.wgmma(dpt_ref, v_smem.at[wg], do_tile.transpose((1, 0)))
                 return st_ref[...], dpt_ref[...]
 
-            def q_step(qb, carry, *, g, masked: bool):
+            def q_step(i, carry, *, g, masked: bool):
                 dk_acc, dv_acc = carry
-                t = g * steps_per_head + (qb - cta_q_lo)
+                t = g * steps_per_head + i
+                qb = num_q_blocks - 1 - i
                 slot = lax.rem(t, jnp.int32(stages))
                 q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
                 st, dpt = pl.run_scoped(
@@ -569,68 +648,129 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                 dst = (pt * (dpt - lax.broadcast_in_dim(delta_col, shape, [1]))).astype(p.dtype)
                 pt16 = pt.astype(p.dtype)
                 next_step = next_step_waiter(t)
+                if p.fused_dq:
+                    # dQ[q block, this warpgroup's columns] = dS K[:, columns] needs the dS^T
+                    # rows of both warpgroups: each stores its own, then waits for the other's.
+                    # Two tiles by step parity: a warpgroup writes tile t % 2 only after the
+                    # other arrived for step t - 1, so after its dQ wgmma of step t - 2 ended.
+                    dst_tile = dst_smem.at[lax.rem(t, 2)]
+                    own_dst = dst_tile.at[pl.ds(wg * WG_ROWS, WG_ROWS)]
+                    own_dst[...] = dst
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(dst_ready)
+                    k_cols = k_smem.at[:, pl.ds(wg * dq_cols, dq_cols)]
                 if p.register:
-                    # dV += P^T dO and dK += dS^T Q in place, both issued before either is
-                    # awaited; the next step's operands are awaited meanwhile.
+                    # dV += P^T dO and dK += dS^T Q in place (and the fused dQ), all issued
+                    # before any is awaited; the next step's operands are awaited meanwhile.
                     def dv_dk(refs):
-                        dv_ref, dk_ref = refs
+                        dv_ref, dk_ref, *dq_ref = refs
                         plgpu.wgmma(dv_ref, pt16, do_tile)
-                        plgpu.wgmma(dk_ref, dst, q_tile)
+                        # fused_dq: dS^T is in shared memory already; reading it from there
+                        # frees its registers for the dQ accumulator.
+                        plgpu.wgmma(dk_ref, own_dst if p.fused_dq else dst, q_tile)
+                        if p.fused_dq:
+                            plgpu.barrier_wait(dst_ready)
+                            plgpu.wgmma(dq_ref[0], dst_tile.transpose((1, 0)), k_cols)
                         next_step()
 
-                    dv_acc, dk_acc = pl.run_state(dv_dk)(
-                        (plgpu.ACC.init(dv_acc), plgpu.ACC.init(dk_acc)))
+                    accs = (dv_acc, dk_acc) + (
+                        (zeros_acc((block_q, dq_cols)),) if p.fused_dq else ())
+                    dv_acc, dk_acc, *dq = pl.run_state(dv_dk)(tuple(map(plgpu.ACC.init, accs)))
                 else:
                     pt_smem.at[wg][...] = pt16
                     plgpu.commit_smem()  # generic-proxy store -> visible to wgmma (async proxy)
                     dv_acc = dv_acc + matmul(pt_smem.at[wg], do_tile, (WG_ROWS, p.head_dim))
-                    # dS^T reuses the P^T tile: the wgmma that read P^T has completed.
-                    pt_smem.at[wg][...] = dst
-                    plgpu.commit_smem()
-                    dk_acc = dk_acc + matmul(pt_smem.at[wg], q_tile, (WG_ROWS, p.head_dim))
+                    if p.fused_dq:
+                        dk_acc = dk_acc + matmul(own_dst, q_tile, (WG_ROWS, p.head_dim))
+                    else:
+                        # dS^T reuses the P^T tile: the wgmma that read P^T has completed.
+                        pt_smem.at[wg][...] = dst
+                        plgpu.commit_smem()
+                        dk_acc = dk_acc + matmul(pt_smem.at[wg], q_tile, (WG_ROWS, p.head_dim))
+                    if p.fused_dq:
+                        plgpu.barrier_wait(dst_ready)
+                        dq = [matmul(dst_tile.transpose((1, 0)), k_cols, (block_q, dq_cols))]
                     next_step()  # the GPU order of barrier waits, for the interpreter's checks
+                if p.fused_dq:
+                    head = kv_head * p.group + g
+                    add_dq(dq[0], dq_sum_ref.at[b, pl.ds(qb * block_q, block_q), head,
+                                                pl.ds(wg * dq_cols, dq_cols)])
                 # lse2, delta (and ids) were read with ordinary loads and the producer's next
                 # TMA overwrites them: fence the proxies before releasing the slot.
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dk_acc, dv_acc
 
+            def add_dq(dq, dst_ref):
+                """dq_sum[window] += dq by a TMA reduce-add (any CTA may add to any window)."""
+                staged = dq_smem.at[wg]
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous add read it
+                if interpret:
+                    # The interpreter has no TMA reduction; its CTAs run one after another,
+                    # so a read, add and write is the same sum.
+                    plgpu.copy_gmem_to_smem(dst_ref, staged, dq_loaded.at[wg])
+                    plgpu.barrier_wait(dq_loaded.at[wg])
+                    staged[...] = staged[...] + dq
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(staged, dst_ref)
+                else:
+                    staged[...] = dq
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(staged, dst_ref, reduction_op="add")
+
             def head_loop(g, carry):
-                carry = lax.fori_loop(cta_q_lo, q_lo, functools.partial(skip_step, g=g), carry)
+                # Steps i: q blocks from the last down; unmasked, masked, then skipped ones.
+                carry = lax.fori_loop(0, num_q_blocks - q_free,
+                                      functools.partial(q_step, g=g, masked=False), carry)
                 if p.is_causal or p.has_segments:  # otherwise no q block needs a mask
-                    carry = lax.fori_loop(q_lo, q_free,
+                    carry = lax.fori_loop(num_q_blocks - q_free, num_q_blocks - q_lo,
                                           functools.partial(q_step, g=g, masked=True), carry)
-                return lax.fori_loop(q_free, num_q_blocks,
-                                     functools.partial(q_step, g=g, masked=False), carry)
+                return lax.fori_loop(num_q_blocks - q_lo, steps_per_head,
+                                     functools.partial(skip_step, g=g), carry)
 
             pl.when(total_steps > 0)(lambda: wait_slot(0))
             zeros = zeros_acc((WG_ROWS, p.head_dim))
             dk_acc, dv_acc = lax.fori_loop(0, p.group, head_loop, (zeros, zeros))
+            if p.fused_dq:
+                # The other warpgroup's last dQ wgmma reads this warpgroup's k rows: one more
+                # meeting before they are overwritten.
+                plgpu.barrier_arrive(dst_ready)
+                plgpu.barrier_wait(dst_ready)
 
             # k and v are no longer needed: their tiles stage the outputs.
-            k_smem.at[wg][...] = (dk_acc * p.scale).astype(p.dtype)
+            k_tile[...] = (dk_acc * p.scale).astype(p.dtype)
             v_smem.at[wg][...] = dv_acc.astype(p.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[b, kv_rows, kv_head])
+            plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[b, kv_rows, kv_head])
             plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, kv_rows, kv_head])
             plgpu.wait_smem_to_gmem(0)
 
     transforms = tile_transforms()
     segs = p.has_segments
-    keys_tile = plgpu.SMEM((wgs, WG_ROWS, p.head_dim), p.dtype, transforms=transforms)
+    fused = p.fused_dq
     q_ring = plgpu.SMEM((stages, block_q, p.head_dim), p.dtype, transforms=transforms)
     scratch = dict(
-        k_smem=keys_tile, v_smem=keys_tile, q_smem=q_ring, do_smem=q_ring,
+        k_smem=plgpu.SMEM((block_kv, p.head_dim), p.dtype, transforms=transforms),
+        v_smem=plgpu.SMEM((wgs, WG_ROWS, p.head_dim), p.dtype, transforms=transforms),
+        q_smem=q_ring, do_smem=q_ring,
         pt_smem=(None if p.register else
                  plgpu.SMEM((wgs, WG_ROWS, block_q), p.dtype, transforms=transforms)),
         lse_smem=plgpu.SMEM((stages, block_q), jnp.float32),
         delta_smem=plgpu.SMEM((stages, block_q), jnp.float32),
         segk_smem=plgpu.SMEM((wgs, WG_ROWS), jnp.int32) if segs else None,
         segq_smem=plgpu.SMEM((stages, block_q), jnp.int32) if segs else None,
+        dst_smem=(plgpu.SMEM((2, block_kv, block_q), p.dtype, transforms=transforms)
+                  if fused else None),
+        # fp32 (8, 32) tiles, 128-byte swizzle: a bank-conflict-free store from the WGMMA layout.
+        dq_smem=(plgpu.SMEM((wgs, block_q, dq_cols), jnp.float32,
+                            transforms=(plgpu.TilingTransform((8, 32)),
+                                        plgpu.SwizzleTransform(128))) if fused else None),
         kv_barriers=plgpu.Barrier(num_arrivals=3 if segs else 2, num_barriers=wgs),
         q_barriers=plgpu.Barrier(num_arrivals=3 if segs else 2, num_barriers=stages),  # q, lse2
         do_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dO, delta
         consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        dst_ready=plgpu.Barrier(num_arrivals=wgs) if fused else None,
+        dq_loaded=(plgpu.Barrier(num_barriers=wgs) if fused and interpret else None),
     )
     kv_shape = jax.ShapeDtypeStruct((p.batch, p.seq_k_pad, p.num_kv_heads, p.head_dim), p.dtype)
     return plgpu.kernel(

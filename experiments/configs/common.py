@@ -33,7 +33,7 @@ def defaults() -> ml_collections.ConfigDict:
         dtype="bfloat16",           # compute dtype
         param_dtype="float32",      # params and optimizer state
         remat="none",               # none | full | dots
-        attention_implementation="",  # "" (default dispatch) | xla | cudnn | mosaic | mosaic_fwd_cudnn_bwd
+        attention_implementation="",  # "" (default dispatch) | xla | cudnn | mosaic | mosaic_deterministic | mosaic_fwd_cudnn_bwd
         cca_prologue="",            # "" (cca_fused.default_prologue) | plain | jnp | mosaic: how
                                     #   cca / ccgqa make q/k/v (ccajax/pallas/NOTES_prologue.md)
     ))
