@@ -186,9 +186,10 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
         instead of 7; the order of the additions, so dq's last bits, varies between GPU runs).
         Needs d / (dkv_block_kv / 64) to be a multiple of 64 (``fused_dq_unsupported``).
         False: a separate dQ kernel recomputes S and dP (bit-reproducible). None: True on a
-        GPU where supported and the tiles fit in shared memory, else False. The interpreter has no TMA reduction: there True
-        stands in a read-add-write, exact only because interpreted CTAs run one after another
-        (its race detector reports it when two CTAs add to the same rows).
+        GPU where supported and the tiles fit in shared memory, else False. The interpreter
+        has no TMA reduction: there True stands in a read-add-write, exact only because
+        interpreted CTAs run one after another (its race detector reports it when two CTAs
+        add to the same rows).
     Returns:
       (dq, dk, dv) with the shapes and dtype of q, k, v.
     Raises:
@@ -513,7 +514,7 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
     num_kv_blocks = p.seq_k_pad // block_kv
     shape = (WG_ROWS, block_q)  # S^T, P^T, dP^T, dS^T of one warpgroup: its keys x the queries
     dq_cols = p.head_dim // wgs  # fused_dq: each warpgroup's share of dQ's columns
-    interpret = not p.register and in_interpret_mode()
+    interpret = in_interpret_mode()
 
     def q_range(kv_start, rows):
         """(first q block that sees any of keys [kv_start, +rows), first q block that sees all
@@ -682,14 +683,13 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                     dv_acc = dv_acc + matmul(pt_smem.at[wg], do_tile, (WG_ROWS, p.head_dim))
                     if p.fused_dq:
                         dk_acc = dk_acc + matmul(own_dst, q_tile, (WG_ROWS, p.head_dim))
+                        plgpu.barrier_wait(dst_ready)
+                        dq = [matmul(dst_tile.transpose((1, 0)), k_cols, (block_q, dq_cols))]
                     else:
                         # dS^T reuses the P^T tile: the wgmma that read P^T has completed.
                         pt_smem.at[wg][...] = dst
                         plgpu.commit_smem()
                         dk_acc = dk_acc + matmul(pt_smem.at[wg], q_tile, (WG_ROWS, p.head_dim))
-                    if p.fused_dq:
-                        plgpu.barrier_wait(dst_ready)
-                        dq = [matmul(dst_tile.transpose((1, 0)), k_cols, (block_q, dq_cols))]
                     next_step()  # the GPU order of barrier waits, for the interpreter's checks
                 if p.fused_dq:
                     head = kv_head * p.group + g
@@ -761,7 +761,8 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
         segq_smem=plgpu.SMEM((stages, block_q), jnp.int32) if segs else None,
         dst_smem=(plgpu.SMEM((2, block_kv, block_q), p.dtype, transforms=transforms)
                   if fused else None),
-        # fp32 (8, 32) tiles, 128-byte swizzle: a bank-conflict-free store from the WGMMA layout.
+        # fp32 (8, 32) tiles with a 128-byte swizzle: unswizzled, the rows of the WGMMA layout's
+        # stores would be 256 bytes apart, all on the same banks.
         dq_smem=(plgpu.SMEM((wgs, block_q, dq_cols), jnp.float32,
                             transforms=(plgpu.TilingTransform((8, 32)),
                                         plgpu.SwizzleTransform(128))) if fused else None),
