@@ -132,8 +132,9 @@ def default_implementation(q, k, v, segment_ids, is_causal: bool = False) -> str
 
     Why: our forward beats cuDNN's in every causal cell timed (H200, 2026-12-01: 1.06-1.39x at 4k
     and 16k) and is at 0.98-1.05x of it non-causal, while our backward alone reaches 91-97% of
-    cuDNN's TF/s at 16k (83-90% before dq was fused into the dK/dV kernel); up to 2k, and causal up to 8k, our backward is the faster one
-    (`OWN_BACKWARD_MAX_SEQ_K`, `OWN_BACKWARD_MAX_CAUSAL_SEQ_K`). Our kernels also take segment ids and odd lengths, which
+    cuDNN's TF/s at 16k (83-90% before dq was fused into the dK/dV kernel); up to 2k, and
+    causal up to 8k, our backward is the faster one (`OWN_BACKWARD_MAX_SEQ_K`,
+    `OWN_BACKWARD_MAX_CAUSAL_SEQ_K`). Our kernels also take segment ids and odd lengths, which
     send cuDNN calls to xla. cuDNN needs bf16/fp16, equal q/v head dims and no segments here; its
     backward (jax 0.11.2, cuDNN 9.19 on H100) raises NotImplementedError for odd sequence
     lengths, so those go to xla.
