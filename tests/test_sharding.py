@@ -90,7 +90,9 @@ def attention_fwd_stand_in(q, k, v, *, is_causal, scale, segment_ids):
     q, k, v, segment_ids = like_a_kernel((q, k, v, segment_ids))
     out = reference_attention(q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids)
     return out, jnp.zeros(q.shape[:3], jnp.float32)  # the backward stand-in needs no lse
-def attention_bwd_stand_in(q, k, v, out, lse, d_out, *, is_causal, scale, segment_ids):
+def attention_bwd_stand_in(q, k, v, out, lse, d_out, *, is_causal, scale, segment_ids,
+                           fused_dq):
+    del fused_dq  # how the kernels sum dq; the stand-in has no kernels
     q, k, v, d_out, segment_ids = like_a_kernel((q, k, v, d_out, segment_ids))
     _, vjp = jax.vjp(lambda q, k, v: reference_attention(
         q, k, v, is_causal=is_causal, scale=scale, segment_ids=segment_ids), q, k, v)
