@@ -168,6 +168,8 @@ FUSED_CASES = {
     "gqa4-s64-d64-causal": ((2, 64, 64, 4, 1, 64), True, {}),  # d=64: one warpgroup per CTA
     "mha-s1-d64": ((1, 1, 1, 2, 2, 64), True, {}),
     "s200-causal-2kv-blocks": ((1, 200, 200, 4, 2, 128), True, {}),
+    # Sq padded to 192 (the dK/dV kernel's 64-row blocks), not 256 (the unused dQ kernel's 128).
+    "s150-causal-pad192": ((1, 150, 150, 4, 2, 128), True, {}),
     "sq100-sk170-causal-1wg": ((1, 100, 170, 4, 2, 128), True, dict(dkv_block_kv=64)),
     "sq200-sk130-full-d64": ((1, 200, 130, 4, 2, 64), False, dict(dkv_block_kv=64)),
 }

@@ -67,8 +67,8 @@ def mosaic_attention(q, k, v, *, is_causal: bool = False, scale: float | None = 
       backward: ``"mosaic"`` (our backward kernels; on a GPU dq is summed with TMA reduce-adds
         where d allows, so its last bits vary between runs), ``"mosaic_deterministic"`` (our
         separate dq kernel: bit-identical gradients run to run; the fused dq's backward is 2-16%
-        faster at 16k on an H200) or ``"cudnn"`` (cuDNN's flash backward on our forward's out and log-sum-exp;
-        GPU only, no segment_ids, even Sq and Sk, Sq == Sk when causal: see
+        faster at 16k on an H200) or ``"cudnn"`` (cuDNN's flash backward on our forward's out
+        and log-sum-exp; GPU only, no segment_ids, even Sq and Sk, Sq == Sk when causal: see
         `cudnn_backward_unsupported`; its dq also uses atomics).
     Returns:
       (B, Sq, Hq, d) in q's dtype; rows with no allowed key are 0 (with zero gradients).

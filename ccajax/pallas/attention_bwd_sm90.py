@@ -306,9 +306,11 @@ def _attention_bwd(q, k, v, out, lse, d_out, segment_ids, *, is_causal, scale, d
                    dkv_blocks, stages, register, fused_dq):
     batch, seq_q, num_q_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
-    # One padding serves both kernels: every block size is 64 or 128.
-    seq_q_pad = round_up(seq_q, max(dq_blocks[0], dkv_blocks[0]))
-    seq_k_pad = round_up(seq_k, max(dq_blocks[1], dkv_blocks[1]))
+    # One padding serves the kernels that run (every block size is 64 or 128); with fused_dq the
+    # dQ kernel's blocks would only pad more rows for the dK/dV kernel to walk.
+    blocks = (dkv_blocks,) if fused_dq else (dq_blocks, dkv_blocks)
+    seq_q_pad = round_up(seq_q, max(b[0] for b in blocks))
+    seq_k_pad = round_up(seq_k, max(b[1] for b in blocks))
     prob = _Problem(batch, seq_q, seq_k, seq_q_pad, seq_k_pad, num_q_heads, num_kv_heads,
                     head_dim, q.dtype, is_causal, scale, segment_ids is not None, register,
                     fused_dq)
