@@ -16,3 +16,27 @@ import pytest
 def rng(request):
     """A numpy Generator seeded from the test's id: every case gets its own inputs, reproducibly."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def lag_warpgroup(monkeypatch):
+    """``lag_warpgroup(w)`` makes warpgroup w of interpreted Mosaic GPU kernels sleep before each
+    barrier wait, so that the others run as far ahead as the kernel's barriers let them. The
+    interpreter fails a kernel in which one thread completes a barrier phase twice before a
+    waiter has observed the first (on a GPU, whose waits compare the phase parity, a hang);
+    thread timing alone seldom opens that window, a lagging warpgroup does so every time."""
+    import time
+
+    from jax._src.pallas.mosaic_gpu.interpret import shared_memory
+
+    def lag(warpgroup_id: int, seconds: float = 0.02):
+        wait = shared_memory.Barrier._wait
+
+        def lagging_wait(self, thread, *args, **kwargs):
+            if getattr(thread, "warpgroup_id", None) == warpgroup_id:
+                time.sleep(seconds)
+            return wait(self, thread, *args, **kwargs)
+
+        monkeypatch.setattr(shared_memory.Barrier, "_wait", lagging_wait)
+
+    return lag

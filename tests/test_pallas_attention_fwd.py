@@ -124,6 +124,17 @@ def test_non_causal_grids(rng, grid):
            segment_ids=None, **grid)
 
 
+@pytest.mark.parametrize("lagging", [0, 1, 2], ids=["wg0-lags", "wg1-lags", "producer-lags"])
+def test_persistent_tiles_with_a_lagging_warpgroup(rng, lag_warpgroup, lagging):
+    """One CTA runs 2 tiles of 2 kv steps while one warpgroup is slowed: between warpgroup 0's
+    last turn hand-over of a tile and its first of the next nothing waits for warpgroup 1, so
+    the two tiles' hand-overs must not share barriers (they did once: a CI failure here, and a
+    possible hang on a GPU)."""
+    lag_warpgroup(lagging)
+    _check(*_inputs(rng, jnp.bfloat16, 1, 128, 128, 2, 1, 64), is_causal=False, block_kv=64,
+           num_ctas=1)
+
+
 def test_causal_rows_without_keys_give_zero_and_minus_inf(rng):
     # Sq > Sk, causal: the first Sq - Sk queries precede every key.
     q, k, v = _inputs(rng, jnp.bfloat16, 1, 130, 70, 2, 1, 64)

@@ -31,7 +31,8 @@ Kernel layout
   acc += P v, releasing v (the next step's k wait is issued while that wgmma runs). With
   ``pingpong`` the two warpgroups take turns on the tensor cores (each waits on its own barrier
   before P v and passes the turn on after issuing q k^T), so that one's softmax overlaps the
-  other's matmuls (FA3 ping-pong).
+  other's matmuls (FA3 ping-pong); a persistent CTA alternates two sets of those barriers
+  from tile to tile (warpgroup 0 passes the turn twice across a tile boundary without waiting).
 * P operand: with ``register_p`` (the GPU default) P stays in registers as the wgmma A operand
   and the accumulator is updated in place (``pl.run_state`` + ``plgpu.ACC.init(acc)``). The
   interpreter supports neither, so in interpret mode P is stored to shared memory
@@ -244,16 +245,21 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         # (P v of this step, then q k^T of the next) and passes it on through barrier 1 - w.
         # Warpgroup 0 takes the first turn; so that both barriers see as many arrivals as
         # waits, warpgroup 1 waits once before its first step and warpgroup 0 arrives once
-        # after its last.
-        def pass_turn():
-            plgpu.barrier_arrive(schedule_barrier.at[1 - wg])
+        # after its last. A persistent CTA's consecutive tiles use two sets of these barriers
+        # (by tile parity): warpgroup 0 arrives after its last step of one tile and again after
+        # its first q k^T of the next with no wait between, so on one barrier it could complete
+        # a phase that warpgroup 1 had not yet observed (seen in interpret mode; a hang on a GPU,
+        # whose waits see only the phase parity).
+        def pass_turn(turn_set):
+            plgpu.barrier_arrive(schedule_barrier.at[2 * turn_set + 1 - wg])
 
-        def await_turn():
-            plgpu.barrier_wait(schedule_barrier.at[wg])
+        def await_turn(turn_set):
+            plgpu.barrier_wait(schedule_barrier.at[2 * turn_set + wg])
 
-        def tile(q_head, q_block, b, step0):
+        def tile(q_head, q_block, b, step0, turn_set=0):
             """One (query head, query block, batch) tile. Its kv steps take ring positions
-            step0, step0 + 1, ... (persistent CTAs keep one ring across their tiles)."""
+            step0, step0 + 1, ... (persistent CTAs keep one ring across their tiles); its
+            one-way ping-pong uses the turn barriers of ``turn_set`` (0 or 1)."""
             kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
             cta_q_start = q_block * block_q
             cta_steps, _ = kv_range(cta_q_start, block_q)
@@ -298,7 +304,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                     row_ids = lax.broadcast_in_dim(row_ids, (wg_rows, block_kv), [0])
 
                 if oneway:
-                    pl.when(wg == 1)(await_turn)
+                    pl.when(wg == 1)(lambda: await_turn(turn_set))
                 elif pingpong:
                     pl.when(wg == 1)(schedule_sync)
 
@@ -322,7 +328,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                     def qk_matmul(acc_ref):
                         plgpu.wgmma(acc_ref, wg_q_smem, k_smem.at[slot].transpose((1, 0)))
                         if oneway:
-                            pass_turn()
+                            pass_turn(turn_set)
                         elif pingpong:
                             schedule_sync()  # let the other warpgroup issue its wgmma
                         return acc_ref[...]
@@ -370,7 +376,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                         plgpu.commit_smem()  # generic-proxy store -> visible to wgmma (async proxy)
                     plgpu.barrier_wait(v_barriers.at[slot])
                     if oneway:
-                        await_turn()
+                        await_turn(turn_set)
                     elif pingpong:
                         plgpu.barrier_wait(schedule_barrier)  # the tensor cores are ours again
 
@@ -398,11 +404,13 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                 # needs fewer still releases (and observes) those slots, and keeps the ping-pong.
                 kv_flush(kv_steps, cta_steps, stages=stages, offset=step0, k_barriers=k_barriers,
                          v_barriers=v_barriers, k_consumed=k_consumed, v_consumed=v_consumed,
-                         between=((lambda: (pass_turn(), await_turn())) if oneway else
-                                  (lambda: (schedule_sync(), schedule_sync())) if pingpong else None))
+                         between=((lambda: (pass_turn(turn_set), await_turn(turn_set)))
+                                  if oneway else
+                                  (lambda: (schedule_sync(), schedule_sync())) if pingpong
+                                  else None))
 
                 if oneway:
-                    pl.when(wg == 0)(pass_turn)
+                    pl.when(wg == 0)(lambda: pass_turn(turn_set))
                 elif pingpong:
                     pl.when(wg == 0)(schedule_sync)
 
@@ -428,7 +436,8 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             @plgpu.nd_loop(grid, collective_axes="ctas")
             def _tiles(info):
                 b, q_head, q_block = info.index
-                tile(q_head, q_block, b, info.local_index * num_kv_blocks)
+                tile(q_head, q_block, b, info.local_index * num_kv_blocks,
+                     turn_set=lax.rem(info.local_index, jnp.int32(2)))
 
             @pl.when(wg == compute_wgs)
             def _drain():
@@ -459,7 +468,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         v_barriers=plgpu.Barrier(num_barriers=stages),
         k_consumed=plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),
         v_consumed=plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),
-        schedule_barrier=(plgpu.Barrier(num_barriers=2) if oneway else
+        schedule_barrier=(plgpu.Barrier(num_barriers=4 if persistent else 2) if oneway else
                           plgpu.Barrier(num_arrivals=compute_wgs) if pingpong else None),
     )
     inputs = [q_p, k_p, v_p]
