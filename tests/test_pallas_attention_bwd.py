@@ -19,6 +19,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.attention import attention_mask, reference_attention
 from ccajax.pallas.attention_bwd_sm90 import attention_bwd
+from error_inputs import zero_inputs
 
 # Measured worst errors (definition in the module docstring) over this file's interpret cases:
 # bf16 5.7e-3 (dv, Sq=200 Sk=130, 128 blocks), fp16 7.5e-4 (dv, S=100). The bounds leave 2-2.6x
@@ -241,16 +242,7 @@ def _args(**over):
                   l=(1, 4, 64), d=(1, 64, 4, 64))
     dtypes = dict(q=jnp.bfloat16, k=jnp.bfloat16, v=jnp.bfloat16, o=jnp.bfloat16,
                   l=jnp.float32, d=jnp.bfloat16)
-    kwargs = dict(is_causal=False, scale=None)
-    for key, val in over.items():
-        if key.endswith("_shape"):
-            shapes[key[0]] = val
-        elif key.endswith("_dtype"):
-            dtypes[key[0]] = val
-        else:
-            kwargs[key] = val
-    arrays = [jnp.zeros(shapes[n], dtypes[n]) for n in "qkvold"]
-    return arrays, kwargs
+    return zero_inputs(shapes, dtypes, over)
 
 
 @pytest.mark.parametrize("over, match", [

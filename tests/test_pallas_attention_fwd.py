@@ -19,6 +19,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.attention import attention_mask, reference_attention
 from ccajax.pallas.attention_fwd_sm90 import attention_fwd
+from error_inputs import zero_inputs
 
 # Measured worst max-abs errors in interpret mode over this file's shapes x 3 seeds (inputs
 # ~N(0, 1)): bf16 out 7.9e-3, fp16 out 9.5e-4, lse 1e-6. The bounds leave 2.5-3x headroom on out;
@@ -206,16 +207,7 @@ def test_segment_ids_single_token_segments(rng):
 def _args(**over):
     shapes = dict(q=(1, 64, 4, 64), k=(1, 64, 2, 64), v=(1, 64, 2, 64))
     dtypes = dict(q=jnp.bfloat16, k=jnp.bfloat16, v=jnp.bfloat16)
-    kwargs = dict(is_causal=False, scale=None)
-    for key, val in over.items():
-        if key.endswith("_shape"):
-            shapes[key[0]] = val
-        elif key.endswith("_dtype"):
-            dtypes[key[0]] = val
-        else:
-            kwargs[key] = val
-    arrays = [jnp.zeros(shapes[n], dtypes[n]) for n in "qkv"]
-    return arrays, kwargs
+    return zero_inputs(shapes, dtypes, over)
 
 
 @pytest.mark.parametrize("over, match", [
