@@ -184,6 +184,16 @@ def test_fused_dq(rng, case):
            fused_dq=True, detect_races=one_kv_block, **extra)
 
 
+@pytest.mark.parametrize("fused_dq", [True, False], ids=["fused", "dq-kernel"])
+@pytest.mark.parametrize("lagging", [0, 1, 2], ids=["wg0-lags", "wg1-lags", "producer-lags"])
+def test_barriers_with_a_lagging_warpgroup(rng, lag_warpgroup, lagging, fused_dq):
+    """The kernels' barrier protocols with one thread slowed (see ``lag_warpgroup``): a CTA of
+    the dK/dV kernel walks 2 q heads x 2 q blocks, a dQ-kernel CTA 2 kv blocks."""
+    lag_warpgroup(lagging)
+    _check(*_inputs(rng, jnp.bfloat16, 1, 128, 128, 4, 2, 128), is_causal=True,
+           fused_dq=fused_dq, dq_block_kv=64)
+
+
 def test_fused_dq_segments_and_fp16(rng):
     seg = _packed_segments(1, 100, [7, 50, 1, 30, 12])
     _check(*_inputs(rng, jnp.float16, 1, 100, 100, 4, 2, 128), is_causal=True,
