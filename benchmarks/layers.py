@@ -135,8 +135,8 @@ def prepared(make, *args) -> dict:
 def interleaved(jobs) -> None:
     """Time the ``(result, args)`` jobs (results from `prepared`) in ``--repeats`` rounds after a
     warm-up round, one sync of each job per round, so that drift during the sweep (clocks,
-    temperature) reaches every method alike. Each result gets "ms", its median over the rounds
-    (or "error"), and loses "fn"."""
+    temperature) reaches every method alike. Each result gets "ms", its median over the rounds,
+    and "round_ms", every round's time (or "error"), and loses "fn"."""
     samples = [[] for _ in jobs]
     for round_ in range(FLAGS.repeats + 1):  # round 0 warms up
         for times, (res, args) in zip(samples, jobs):
@@ -154,6 +154,7 @@ def interleaved(jobs) -> None:
         res.pop("fn", None)
         if "error" not in res:
             res["ms"] = statistics.median(times)
+            res["round_ms"] = [round(t, 4) for t in times]
 
 
 def timed(make, *args) -> dict:
@@ -211,7 +212,11 @@ def sweep():
                           if "ms" in r.get(mode, {})}
                     if ok:
                         best = min(ok, key=ok.get)
-                        row[mode] = {"ms": ok[best], "impl": best}
+                        rounds = row["results"][best][mode]["round_ms"]
+                        # Half the range of the rounds, in % of the median: the noise a
+                        # speed-up quoted to 1% has to clear.
+                        spread = 50 * (max(rounds) - min(rounds)) / ok[best]
+                        row[mode] = {"ms": ok[best], "impl": best, "spread_pct": spread}
                 rows.append(row)
                 save(rows)
                 print(format_row(row, rows), flush=True)
@@ -229,7 +234,8 @@ def format_row(row, rows) -> str:
             parts.append(f"{mode}: err {errs}")
             continue
         speed = (base[mode]["ms"] / row[mode]["ms"]) if base and mode in base else float("nan")
-        parts.append(f"{mode} {row[mode]['ms']:8.3f} ms ({row[mode]['impl']:<12}) x{speed:4.2f}")
+        parts.append(f"{mode} {row[mode]['ms']:8.3f} ms ±{row[mode]['spread_pct']:3.1f}% "
+                     f"({row[mode]['impl']:<12}) x{speed:4.2f}")
     return "  ".join(parts)
 
 

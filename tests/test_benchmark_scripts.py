@@ -40,5 +40,6 @@ def test_layer_sweep_interleaves_and_records_errors(tmp_path):
         xla = next(r for name, r in row["results"].items() if name.startswith("xla"))
         cudnn = next(r for name, r in row["results"].items() if name.startswith("cudnn"))
         assert xla["fwd"]["ms"] > 0 and xla["fwdbwd"]["ms"] > 0
+        assert len(xla["fwd"]["round_ms"]) == 2 and row["fwd"]["spread_pct"] >= 0
         assert "error" in cudnn["fwd"] and "ms" not in cudnn["fwd"]
         assert row["fwd"]["impl"].startswith("xla")
