@@ -535,12 +535,9 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
     def kernel(*refs, k_smem, v_smem, q_smem, do_smem, pt_smem, lse_smem, delta_smem,
                segk_smem, segq_smem, dst_smem, dq_smem, kv_barriers, q_barriers, do_barriers,
                consumed, dst_ready, dq_loaded):
-        if p.fused_dq:
-            (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dq_sum_ref, dk_ref,
-             dv_ref) = _unpack(refs, p.has_segments, 3)
-        else:
-            q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dk_ref, dv_ref = _unpack(
-                refs, p.has_segments, 2)
+        # fused_dq: the dq_sum Ref comes before the outputs dk, dv.
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, *dq_sum, dk_ref, dv_ref = (
+            _unpack(refs, p.has_segments, 2 + p.fused_dq))
         kv_head = lax.axis_index("heads")
         b = lax.axis_index("batch")
         wg = lax.axis_index("wg")
@@ -695,7 +692,7 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                     next_step()  # the GPU order of barrier waits, for the interpreter's checks
                 if p.fused_dq:
                     head = kv_head * p.group + g
-                    add_dq(dq[0], dq_sum_ref.at[b, pl.ds(qb * block_q, block_q), head,
+                    add_dq(dq[0], dq_sum[0].at[b, pl.ds(qb * block_q, block_q), head,
                                                 pl.ds(wg * dq_cols, dq_cols)])
                 # lse2, delta (and ids) were read with ordinary loads and the producer's next
                 # TMA overwrites them: fence the proxies before releasing the slot.
