@@ -32,10 +32,14 @@ HEAD_DIM = 128
 CONFIGS = {
     "default": {},
     "late_k": dict(early_k_wait=False),  # the k wait at the top of each step
-    "rendezvous": dict(oneway_pingpong=False),  # both warpgroups meet twice per step
+    "rendezvous": dict(oneway_pingpong=False),  # both warpgroups meet twice per step (mbarriers)
     "per_tile_grid": dict(persistent=False),  # one CTA per tile
     "persistent_grid": dict(persistent=True),  # non-causal only (an error for causal cells)
     "stages3": dict(kv_stages=3),
+    # Before 2026-12-01 (session 12): mbarriers for turns and slots, Pallas' warpgroup syncs.
+    "mbarriers_auto": dict(named_barriers=False, auto_barriers=True),
+    "mbarriers": dict(named_barriers=False),
+    "auto_barriers": dict(auto_barriers=True),
 }
 
 

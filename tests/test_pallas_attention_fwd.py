@@ -234,14 +234,24 @@ def _args(**over):
     (dict(compute_wgs=3), r"compute_wgs must be 1 or 2; got compute_wgs=3"),
     (dict(is_causal=True, persistent=True), r"persistent=True needs is_causal=False"),
     (dict(num_ctas=0), r"num_ctas must be a positive int; got num_ctas=0"),
+    (dict(named_barriers=True, oneway_pingpong=False),
+     r"named_barriers=True needs oneway_pingpong=True"),
 ], ids=["f32", "mixed-dtypes", "d96", "hkv-not-dividing", "block_q96", "block_kv32",
         "k-v-shapes", "batch", "q-3d", "q-k-head-dim", "negative-scale",
         "segments-sq-ne-sk", "segments-shape", "segments-float", "compute-wgs3",
-        "persistent-causal", "num-ctas0"])
+        "persistent-causal", "num-ctas0", "named-rendezvous"])
 def test_errors(over, match):
     arrays, kwargs = _args(**over)
     with pytest.raises(ValueError, match=match):
         attention_fwd(*arrays, **kwargs)
+
+
+@pytest.mark.parametrize("option", ["register_p", "named_barriers"])
+def test_gpu_only_options_refused_in_interpret_mode(option):
+    arrays, kwargs = _args()
+    with pytest.raises(ValueError, match=rf"{option}=True is not supported in Mosaic GPU "
+                                         r"interpret mode"):
+        _run(*arrays, **kwargs, **{option: True})
 
 
 def test_lse_is_natural_log():
@@ -267,8 +277,17 @@ GPU_CONFIGS = {
     # with segment ids (233592 B).
     "3-stages": dict(kv_stages=3),
     "late-k-wait": dict(early_k_wait=False),
-    "rendezvous-pingpong": dict(oneway_pingpong=False),
+    "rendezvous-pingpong": dict(oneway_pingpong=False),  # on mbarriers (named: one-way only)
     "per-tile-grid": dict(persistent=False),
+    # 8 CTAs over 128 tiles (non-causal): each CTA walks 16 tiles, alternating its turn
+    # barriers; with 132 CTAs this shape gives every CTA at most one tile.
+    "persistent-8-ctas": dict(num_ctas=8),
+    # The defaults use hardware named barriers and no automatic warpgroup barriers; the
+    # mbarrier path (the interpreter's) compiled, with and without them.
+    "mbarriers": dict(named_barriers=False),
+    "mbarriers-8-ctas": dict(named_barriers=False, num_ctas=8),
+    "mbarriers-auto-barriers": dict(named_barriers=False, auto_barriers=True),
+    "auto-barriers": dict(auto_barriers=True),
 }
 
 

@@ -33,6 +33,8 @@ Kernel layout
   before P v and passes the turn on after issuing q k^T), so that one's softmax overlaps the
   other's matmuls (FA3 ping-pong); a persistent CTA alternates two sets of those barriers
   from tile to tile (warpgroup 0 passes the turn twice across a tile boundary without waiting).
+  On a GPU the turns and the "consumed" signals are hardware named barriers (``bar.arrive`` /
+  ``bar.sync``, one instruction per warp; ``named_barriers``); in interpret mode, mbarriers.
 * P operand: with ``register_p`` (the GPU default) P stays in registers as the wgmma A operand
   and the accumulator is updated in place (``pl.run_state`` + ``plgpu.ACC.init(acc)``). The
   interpreter supports neither, so in interpret mode P is stored to shared memory
@@ -80,9 +82,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_args,
                                        check_block_sizes, pad_axis, round_up)
-from ccajax.pallas.sm90_pipeline import (KVSteps, check_interpret_threads, full_rows,
-                                         in_interpret_mode, kv_flush, matmul, matmul_into,
-                                         next_step_wait, ring_drain, ring_producer,
+from ccajax.pallas.sm90_pipeline import (FIRST_NAMED_BARRIER, THREADS_PER_WG, KVSteps, NamedSlots,
+                                         check_interpret_threads, full_rows, in_interpret_mode,
+                                         kv_flush, matmul, matmul_into, named_barrier,
+                                         next_step_wait, release_slot, ring_drain, ring_producer,
                                          tile_transforms, zeros_acc)
 
 MAX_BLOCK = 256
@@ -110,7 +113,8 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
                   block_q: int = 128, block_kv: int = 128, compute_wgs: int = 2,
                   kv_stages: int = 2, register_p: bool | None = None, pingpong: bool = True,
                   early_k_wait: bool = True, oneway_pingpong: bool = True,
-                  persistent: bool | None = None, num_ctas: int | None = None):
+                  persistent: bool | None = None, num_ctas: int | None = None,
+                  named_barriers: bool | None = None, auto_barriers: bool = False):
     """Flash-attention forward on Hopper; see the module docstring for the kernel layout.
 
     Args:
@@ -144,6 +148,17 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
         tiles differ in length; their grid runs the longest first instead) and Sk <=
         ``PERSISTENT_MAX_SEQ_K`` (measured: faster for short tiles, not for long ones).
       num_ctas: CTAs of the persistent grid; None: the GPU's SM count (2 in interpret mode).
+      named_barriers: hand the ping-pong turns and the consumed k/v slots over through
+        hardware named barriers (``bar.arrive`` / ``bar.sync``: one instruction per warp)
+        instead of mbarriers (an arrive from each of a warpgroup's 128 threads). GPU only (the
+        interpreter has none); needs the one-way ping-pong when there are 2 compute
+        warpgroups. None: True on a GPU with the one-way ping-pong (measured on an H200 with
+        ``auto_barriers=False``: +1.2% mean TF/s over 12 cells, -3% to +7%; see
+        NOTES_attention.md), False in interpret mode.
+      auto_barriers: let Pallas put a warpgroup barrier around every shared-memory load,
+        store and copy it lowers (False, the default: ``unsafe_no_auto_barriers``, as
+        tokamax's kernel; the stores this kernel makes are fenced by ``commit_smem``, which
+        syncs the warpgroup, before a TMA reads them).
     Returns:
       (out, lse): out (B, Sq, Hq, d) in q's dtype; lse (B, Hq, Sq) float32, natural-log
       log-sum-exp of the scaled scores, -inf for rows that see no key (their out is 0).
@@ -173,12 +188,21 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
         num_ctas = 2 if in_interpret_mode() else _sm_count()
     if persistent and (not isinstance(num_ctas, int) or num_ctas < 1):
         raise ValueError(f"num_ctas must be a positive int; got num_ctas={num_ctas!r}")
+    if named_barriers is None:
+        named_barriers = not in_interpret_mode() and oneway_pingpong
+    if named_barriers and in_interpret_mode():
+        raise ValueError("named_barriers=True is not supported in Mosaic GPU interpret mode "
+                         "(it has no hardware named barriers); use named_barriers=False or None")
+    if named_barriers and compute_wgs == 2 and pingpong and not oneway_pingpong:
+        raise ValueError("named_barriers=True needs oneway_pingpong=True (the shared "
+                         "rendezvous barrier is an mbarrier only)")
     return _attention_fwd(q, k, v, segment_ids, is_causal=is_causal, scale=scale,
                           block_q=block_q, block_kv=block_kv, compute_wgs=compute_wgs,
                           kv_stages=kv_stages, register_p=bool(register_p),
                           pingpong=bool(pingpong), early_k_wait=bool(early_k_wait),
                           oneway_pingpong=bool(oneway_pingpong),
-                          num_ctas=num_ctas if persistent else None)
+                          num_ctas=num_ctas if persistent else None,
+                          named_barriers=named_barriers, auto_barriers=bool(auto_barriers))
 
 
 def _sm_count() -> int:
@@ -191,10 +215,10 @@ def _sm_count() -> int:
 @functools.partial(jax.jit, static_argnames=("is_causal", "scale", "block_q", "block_kv",
                                              "compute_wgs", "kv_stages", "register_p",
                                              "pingpong", "early_k_wait", "oneway_pingpong",
-                                             "num_ctas"))
+                                             "num_ctas", "named_barriers", "auto_barriers"))
 def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv, compute_wgs,
                    kv_stages, register_p, pingpong, early_k_wait, oneway_pingpong,
-                   num_ctas):
+                   num_ctas, named_barriers, auto_barriers):
     batch, seq_q, num_q_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
@@ -224,6 +248,12 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
 
     kv_range = KVSteps(is_causal=is_causal, causal_offset=causal_offset, seq_k=seq_k,
                        block_kv=block_kv, num_kv_blocks=num_kv_blocks, has_segments=has_segments)
+    # Named barrier ids: the turns (2 sets when persistent), then the k and the v slots.
+    turn_ids = FIRST_NAMED_BARRIER
+    if named_barriers:
+        k_ids = turn_ids + (4 if persistent else 2)
+        slot_threads = (compute_wgs + 1) * THREADS_PER_WG
+        named_k, named_v = NamedSlots(k_ids, slot_threads), NamedSlots(k_ids + stages, slot_threads)
 
     def kernel(*refs, q_smem, k_smem, v_smem, p_smem, lse_smem, seg_q_smem, seg_kv_smem,
                q_barriers, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier):
@@ -232,6 +262,8 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         else:
             (q_ref, k_ref, v_ref, out_ref, lse_ref), seg_ref = refs, None
         wg = lax.axis_index("wg")
+        if named_barriers:
+            k_consumed, v_consumed = named_k, named_v
         if compute_wgs == 2:
             # 40 registers for the producer, 232 for each compute warpgroup.
             pl.when(wg == compute_wgs)(lambda: plgpu.set_max_registers(40, action="decrease"))
@@ -251,10 +283,16 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         # a phase that warpgroup 1 had not yet observed (seen in interpret mode; a hang on a GPU,
         # whose waits see only the phase parity).
         def pass_turn(turn_set):
-            plgpu.barrier_arrive(schedule_barrier.at[2 * turn_set + 1 - wg])
+            if named_barriers:
+                named_barrier("arrive", turn_ids + 2 * turn_set + 1 - wg, 2 * THREADS_PER_WG)
+            else:
+                plgpu.barrier_arrive(schedule_barrier.at[2 * turn_set + 1 - wg])
 
         def await_turn(turn_set):
-            plgpu.barrier_wait(schedule_barrier.at[2 * turn_set + wg])
+            if named_barriers:
+                named_barrier("sync", turn_ids + 2 * turn_set + wg, 2 * THREADS_PER_WG)
+            else:
+                plgpu.barrier_wait(schedule_barrier.at[2 * turn_set + wg])
 
         def tile(q_head, q_block, b, step0, turn_set=0):
             """One (query head, query block, batch) tile. Its kv steps take ring positions
@@ -338,7 +376,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                         # The producer's next TMA (async proxy) overwrites the ids this warpgroup
                         # just read with ordinary loads: fence the proxies before releasing.
                         plgpu.commit_smem()
-                    plgpu.barrier_arrive(k_consumed.at[slot])
+                    release_slot(k_consumed, slot)
                     if masked:
                         kv_ids = step * block_kv + plgpu.broadcasted_iota(
                             jnp.int32, (wg_rows, block_kv), 1, layout=plgpu.Layout.WGMMA)
@@ -387,7 +425,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                         acc = acc + matmul(p_smem.at[wg], v_smem.at[slot], (wg_rows, head_dim))
                         if next_k is not None:  # same barrier order as on the GPU, for the tests
                             next_k()
-                    plgpu.barrier_arrive(v_consumed.at[slot])
+                    release_slot(v_consumed, slot)
                     return acc, m_new, l_i
 
                 carry = (zeros_acc((wg_rows, head_dim)), full_rows(wg_rows, -jnp.inf),
@@ -466,9 +504,12 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         q_barriers=plgpu.Barrier(num_arrivals=tx_arrivals, num_barriers=compute_wgs),
         k_barriers=plgpu.Barrier(num_arrivals=tx_arrivals, num_barriers=stages),
         v_barriers=plgpu.Barrier(num_barriers=stages),
-        k_consumed=plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),
-        v_consumed=plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),
-        schedule_barrier=(plgpu.Barrier(num_barriers=4 if persistent else 2) if oneway else
+        k_consumed=(None if named_barriers else
+                    plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages)),
+        v_consumed=(None if named_barriers else
+                    plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages)),
+        schedule_barrier=(None if named_barriers else
+                          plgpu.Barrier(num_barriers=4 if persistent else 2) if oneway else
                           plgpu.Barrier(num_arrivals=compute_wgs) if pingpong else None),
     )
     inputs = [q_p, k_p, v_p]
@@ -487,7 +528,8 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         # Mosaic reserves 2 KB of SMEM for reductions across warps; this kernel's row reductions
         # stay within a warp, and 3 stages of 128-key tiles need the room.
         compiler_params=plgpu.CompilerParams(
-            approx_math=True, **({"reduction_scratch_bytes": 0} if stages > 2 else {})),
+            approx_math=True, unsafe_no_auto_barriers=not auto_barriers,
+            **({"reduction_scratch_bytes": 0} if stages > 2 else {})),
     )(*inputs)
     if seq_q_pad != seq_q:
         out, lse = out[:, :seq_q], lse[:, :, :seq_q]

@@ -9,12 +9,14 @@ the kv tiles of the CTA's kv head through a ``stages``-slot shared-memory ring
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax.numpy as jnp
 from jax import lax
 from jax._src import config as jax_config
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 # Rows of one compute warpgroup's tile: wgmma's M is 64 per warpgroup.
@@ -42,6 +44,67 @@ def check_interpret_threads(threads_per_kernel: int) -> None:
             f"XLA's CPU thread pool (one per warpgroup and one for the caller), but it has "
             f"{workers} here ({'NPROC' if nproc else 'CPU cores'}); it would deadlock. Set the "
             f"environment variable NPROC=8 before JAX starts (tests/conftest.py does).")
+
+
+# Hardware named barriers of a CTA: 16, of which Mosaic GPU takes id 0 (the CTA-wide barrier)
+# and ids 1-3 (one per warpgroup, for its own warpgroup-wide syncs).
+FIRST_NAMED_BARRIER = 4
+NUM_NAMED_BARRIERS = 16
+THREADS_PER_WG = 128
+
+
+def named_barrier(op: str, barrier_id, num_threads: int) -> None:
+    """``bar.sync`` (``op="sync"``: wait until ``num_threads`` threads, the caller's included,
+    have reached hardware barrier ``barrier_id``) or ``bar.arrive`` (``op="arrive"``: count the
+    calling warpgroup in and go on). ``barrier_id``: a static int or an int32 scalar.
+
+    A single instruction per warp, against an mbarrier arrive that Mosaic issues from each of
+    the warpgroup's 128 threads. GPU only: the interpreter has no named barriers. A named
+    barrier has no phases: a second round of arrivals before the waiters' sync would complete
+    it early, so every use must strictly alternate arrivals and syncs.
+    """
+    if op not in ("sync", "arrive"):
+        raise ValueError(f"op must be 'sync' or 'arrive'; got op={op!r}")
+    if isinstance(barrier_id, int):
+        @plgpu.inline_mgpu()
+        def _static(_):
+            mgpu.utils.inline_ptx(f"bar.{op} {barrier_id}, {num_threads};",
+                                  has_side_effects=True)
+        _static()
+    else:
+        @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,))
+        def _dynamic(_, barrier_id):
+            mgpu.utils.inline_ptx(f"bar.{op} $0, {num_threads};", barrier_id.registers[()],
+                                  has_side_effects=True)
+        _dynamic(jnp.asarray(barrier_id, jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedSlots:
+    """The "consumed" signals of a ring on hardware named barriers (GPU only), in place of an
+    mbarrier array: slot s is barrier ``first + s``; the compute warpgroups arrive, the
+    producer warpgroup syncs, ``num_threads`` threads in all. The ring keeps arrivals and syncs
+    alternating (a slot is consumed again only after the producer's sync let it be refilled);
+    the last arrivals of a kernel have no sync, and there are no phases to drain."""
+    first: int
+    num_threads: int
+
+
+def release_slot(consumed, slot) -> None:
+    """A compute warpgroup is done with ``slot``: arrive on ``consumed`` (an mbarrier array
+    Ref or `NamedSlots`)."""
+    if isinstance(consumed, NamedSlots):
+        named_barrier("arrive", consumed.first + slot, consumed.num_threads)
+    else:
+        plgpu.barrier_arrive(consumed.at[slot])
+
+
+def await_release(consumed, slot) -> None:
+    """The producer waits until every compute warpgroup has released ``slot``."""
+    if isinstance(consumed, NamedSlots):
+        named_barrier("sync", consumed.first + slot, consumed.num_threads)
+    else:
+        plgpu.barrier_wait(consumed.at[slot])
 
 
 def tile_transforms():
@@ -142,7 +205,7 @@ def ring_producer(*, copies, steps, stages, first=0, drain=True):
 
     ``copies`` is a sequence of ``(issue, consumed)``: ``issue(step, slot)`` starts the TMA
     copies of one ring for one step, and before it refills a slot every compute warpgroup must
-    have arrived on ``consumed.at[slot]``. The forward and dQ kernels stream k and v as two rings
+    have released it on ``consumed`` (an mbarrier array or `NamedSlots`, see `release_slot`). The forward and dQ kernels stream k and v as two rings
     (released separately); the dK/dV kernel streams its q-side operands as one.
     Step i takes ring position ``first + i`` (a persistent CTA keeps one ring across its
     tiles); with ``drain`` the last consumed phases are observed at the end (see `ring_drain`).
@@ -158,7 +221,7 @@ def ring_producer(*, copies, steps, stages, first=0, drain=True):
         def _refill(step):
             slot = lax.rem(step, jnp.int32(stages))
             for issue, consumed in copies:
-                plgpu.barrier_wait(consumed.at[slot])  # step - stages is done with the slot
+                await_release(consumed, slot)  # step - stages is done with the slot
                 issue(step, slot)
     else:
         @pl.loop(0, steps)
@@ -166,7 +229,7 @@ def ring_producer(*, copies, steps, stages, first=0, drain=True):
             position = first + step
             slot = lax.rem(position, jnp.int32(stages))
             for issue, consumed in copies:
-                pl.when(position >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
+                pl.when(position >= stages)(lambda: await_release(consumed, slot))
                 issue(step, slot)
 
     if drain:
@@ -176,11 +239,15 @@ def ring_producer(*, copies, steps, stages, first=0, drain=True):
 def ring_drain(*, copies, steps, stages):
     """Observe the last consumed phases of rings that ran ``steps`` positions in all: free on
     the GPU, and the interpreter requires a thread that waits on a barrier to wait on every
-    phase."""
+    phase. Named barriers (`NamedSlots`) have no phases: nothing to do for them."""
+    barriers = [consumed for _, consumed in copies if not isinstance(consumed, NamedSlots)]
+    if not barriers:
+        return
+
     @pl.loop(jnp.maximum(steps - stages, 0), steps)
     def _drain(step):
         slot = lax.rem(step, jnp.int32(stages))
-        for _, consumed in copies:
+        for consumed in barriers:
             plgpu.barrier_wait(consumed.at[slot])
 
 
@@ -193,8 +260,8 @@ def kv_flush(first, last, *, stages, k_barriers, v_barriers, k_consumed, v_consu
     def _flush(step):
         slot = lax.rem(offset + step, jnp.int32(stages))
         plgpu.barrier_wait(k_barriers.at[slot])
-        plgpu.barrier_arrive(k_consumed.at[slot])
+        release_slot(k_consumed, slot)
         plgpu.barrier_wait(v_barriers.at[slot])
-        plgpu.barrier_arrive(v_consumed.at[slot])
+        release_slot(v_consumed, slot)
         if between is not None:
             between()
