@@ -68,6 +68,9 @@ flags.DEFINE_list("breakdown_pieces", [],
                   "('parity' for the accuracy check; default: all), so that one device call fits.")
 flags.DEFINE_integer("parity_seq", 4096, "S of the breakdown's accuracy check against float32.")
 flags.DEFINE_integer("repeats", 5, "Median of this many syncs.")
+flags.DEFINE_integer("round_warmup", 1,
+                     "Untimed calls of a method right before each of its timed syncs in the "
+                     "interleaved rounds (0: the sync starts on what the previous method left).")
 flags.DEFINE_float("target_ms", 40.0,
                    "Device work per sync: calls per sync = this / latency, clipped to 1..10.")
 FLAGS = flags.FLAGS
@@ -135,8 +138,10 @@ def prepared(make, *args) -> dict:
 def interleaved(jobs) -> None:
     """Time the ``(result, args)`` jobs (results from `prepared`) in ``--repeats`` rounds after a
     warm-up round, one sync of each job per round, so that drift during the sweep (clocks,
-    temperature) reaches every method alike. Each result gets "ms", its median over the rounds,
-    and "round_ms", every round's time (or "error"), and loses "fn"."""
+    temperature) reaches every method alike. Each sync follows ``--round_warmup`` untimed calls
+    of the same job, so that it times the layer back to back with itself (ANCHORS.md's "after
+    warm-up"), not its first call after another method's. Each result gets "ms", its median
+    over the rounds, and "round_ms", every round's time (or "error"), and loses "fn"."""
     samples = [[] for _ in jobs]
     for round_ in range(FLAGS.repeats + 1):  # round 0 warms up
         for times, (res, args) in zip(samples, jobs):
@@ -144,7 +149,7 @@ def interleaved(jobs) -> None:
                 continue
             try:
                 seconds = time_call(res["fn"], *args, calls_per_sync=res["calls_per_sync"],
-                                    repeats=1, warmup=0)
+                                    repeats=1, warmup=FLAGS.round_warmup)
             except Exception as e:  # noqa: BLE001 - record why a cell could not run
                 res["error"] = failure(e)
                 continue
@@ -367,7 +372,8 @@ def save(rows):
                   command=" ".join(sys.argv), mode=FLAGS.mode, e=E, d=D, dtype="bfloat16",
                   method=f"median of {FLAGS.repeats} syncs, up to 10 calls per sync "
                          f"({FLAGS.target_ms} ms of work per sync); sweep: methods interleaved, "
-                         "one sync each per round", rows=rows)
+                         f"one sync each per round after {FLAGS.round_warmup} untimed call(s)",
+                  rows=rows)
     with open(FLAGS.out, "w") as f:
         json.dump(result, f, indent=1)
 
