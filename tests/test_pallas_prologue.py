@@ -24,7 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ccajax import CCAConfig, cca_qkv, init_cca_params
 from ccajax._common import cast_tree
 from ccajax.cca_fused import cca_qkv_fused, fused_prologue
-from ccajax.pallas.prologue_sm90 import mosaic_prologue
+from ccajax.pallas.prologue_sm90 import mosaic_prologue, prologue_fwd
 from ccajax.rope import contiguous_segments, default_positions
 
 TOL = 3e-2
@@ -93,6 +93,22 @@ def test_forward_matches_reference(rng, name):
     # The first tokens and block-boundary rows, where the halo matters, explicitly.
     for rows in (slice(0, 3), slice(63, 66)):
         np.testing.assert_allclose(k[:, rows], ref_k[:, rows], atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("blocks_per_cta", [1, 2, 3])
+def test_forward_row_blocks_per_cta(rng, blocks_per_cta):
+    """S=130 is 3 row blocks: one per CTA (no prefetch), 2 + 1 (a CTA with the remainder), or
+    all 3 in one CTA (each next block's rows copied while the current one is computed). With
+    the race detector: a prefetch that overwrote rows still being read would show."""
+    kwargs, seq, segmented, batch = CONFIGS["ccgqa-zaya1-segments"]
+    cfg, params, p, positions = _setup(rng, kwargs, seq, segmented, batch)
+    args = _args(cfg, params, p, positions)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+        got = prologue_fwd(*args, cfg, blocks_per_cta=blocks_per_cta)
+        got = [np.asarray(x.astype(jnp.float32)) for x in got]
+    assert not gpu_interpret.get_races().races_found, "interpreter found a data race"
+    for x, want in zip(got, _reference(cfg, *args)):
+        np.testing.assert_allclose(x, want, atol=TOL, rtol=TOL)
 
 
 def test_far_positions_reduce_the_rope_angle(rng):
@@ -203,6 +219,9 @@ def test_bad_inputs_name_the_problem(rng):
         mosaic_prologue(*args, CCAConfig(256, 2, 2, 64, rope_fraction=0.125))
     with pytest.raises(ValueError, match="p must be"):
         mosaic_prologue(p[:, :, :3], *args[1:], cfg)
+    with pytest.raises(ValueError, match="blocks_per_cta must be a positive int; got "
+                                         "blocks_per_cta=0"):
+        prologue_fwd(*args, cfg, blocks_per_cta=0)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu",

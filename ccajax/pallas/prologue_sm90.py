@@ -15,7 +15,12 @@ Shapes
 
 Kernel layout
 -------------
-* Grid ``(Hq + Hkv, S / 64, B)``, one warpgroup per CTA, one output head and 64 rows each.
+* Grid ``(Hq + Hkv, S / 64, B)``, one warpgroup per CTA, one output head and 64 rows each
+  (the backward kernels). The forward's CTAs each compute ``blocks_per_cta`` consecutive 64-row
+  blocks of one head (grid ``(Hq + Hkv, S / (64 blocks_per_cta), B)``): the conv1 taps and
+  vectors are copied once per CTA, and the next block's rows (lags, positions, ids, partner
+  tiles) as soon as every thread has read the current block's, so they arrive while it is
+  computed.
 * TMA copies into shared memory: the head's rows t - lag for lag 0, 1, 2 into three untiled
   buffers (block 0 copies rows [0, 64 - lag) to buffer rows [lag, 64); the rows before stay
   unwritten and are masked below), the q-k mean partners through two slots (a q head reads its k
@@ -229,25 +234,39 @@ def _conv_scratch(d, dtype, partner_slots):
         vec_smem=plgpu.SMEM((_VEC_ROWS, d), jnp.float32),
         pos_smem=plgpu.SMEM((BLOCK_ROWS,), jnp.int32),
         segpos_smem=plgpu.SMEM((BLOCK_ROWS,), jnp.int32),
-        lag_barrier=plgpu.Barrier(num_arrivals=LAGS),
+        lag_barrier=plgpu.Barrier(num_arrivals=LAGS + 2),  # the lags, positions, ids
         part_barriers=plgpu.Barrier(num_barriers=partner_slots),
-        const_barrier=plgpu.Barrier(num_arrivals=5),  # 2 conv1 taps, vectors, ids
+        const_barrier=plgpu.Barrier(num_arrivals=3),  # 2 conv1 taps, vectors
     )
 
 
 def _start_conv(in_refs, sc, cfg: CCAConfig):
-    """Issues the copies of the conv recompute; returns the q-k mean partners (None without)."""
-    p_ref, pos_ref, segpos_ref, vec_ref, w1_ref = in_refs
-    h, block, b, s0, is_q = _tile_position(cfg.num_q_heads)
-    rows = BLOCK_ROWS
+    """Issues the copies of the conv recompute of this CTA's row block; returns the q-k mean
+    partners (None without)."""
+    h, block, b, _, _ = _tile_position(cfg.num_q_heads)
+    _copy_constants(in_refs, sc, h)
+    partners = _partners(in_refs, sc, h, b, block, cfg)
+    _copy_rows(in_refs, sc, h, b, block)
+    return None if partners is None else partners.start()
+
+
+def _copy_constants(in_refs, sc, h):
+    """The head's conv1 taps and per-channel vectors, on ``const_barrier``."""
+    _, _, _, vec_ref, w1_ref = in_refs
     for tap in range(2):
         plgpu.copy_gmem_to_smem(w1_ref.at[tap, h], sc["w1_smem"].at[tap], sc["const_barrier"])
     plgpu.copy_gmem_to_smem(vec_ref.at[h], sc["vec_smem"], sc["const_barrier"])
-    plgpu.copy_gmem_to_smem(pos_ref.at[b, pl.ds(s0, rows)], sc["pos_smem"], sc["const_barrier"])
-    plgpu.copy_gmem_to_smem(segpos_ref.at[b, pl.ds(s0, rows)], sc["segpos_smem"],
-                            sc["const_barrier"])
 
-    # lag_smem[lag][t] = p[s0 + t - lag]; block 0's rows t < lag stay unwritten (masked).
+
+def _copy_rows(in_refs, sc, h, b, block):
+    """Row block ``block``'s positions, segment positions and lags, on ``lag_barrier``:
+    lag_smem[lag][t] = p[s0 + t - lag]; block 0's rows t < lag stay unwritten (masked)."""
+    p_ref, pos_ref, segpos_ref, _, _ = in_refs
+    rows, s0 = BLOCK_ROWS, block * BLOCK_ROWS
+    plgpu.copy_gmem_to_smem(pos_ref.at[b, pl.ds(s0, rows)], sc["pos_smem"], sc["lag_barrier"])
+    plgpu.copy_gmem_to_smem(segpos_ref.at[b, pl.ds(s0, rows)], sc["segpos_smem"],
+                            sc["lag_barrier"])
+
     def rows_of(ds):
         return p_ref.at[b, ds, h]
 
@@ -255,10 +274,15 @@ def _start_conv(in_refs, sc, cfg: CCAConfig):
     plgpu.copy_gmem_to_smem(rows_of(pl.ds(s0, rows)), lag_smem.at[0], sc["lag_barrier"])
     for lag in range(1, LAGS):
         _copy_rows_shifted(rows_of, lag_smem.at[lag], s0, -lag, block == 0, sc["lag_barrier"])
+
+
+def _partners(in_refs, sc, h, b, block, cfg: CCAConfig):
+    """The q-k mean partners of row block ``block`` (None without the mean); not started."""
     if not cfg.use_qk_mean:
         return None
-    return _Partners(lambda head: p_ref.at[b, pl.ds(s0, rows), head], sc["part_smem"],
-                     sc["part_barriers"], h, is_q, cfg).start()
+    p_ref, s0 = in_refs[0], block * BLOCK_ROWS
+    return _Partners(lambda head: p_ref.at[b, pl.ds(s0, BLOCK_ROWS), head], sc["part_smem"],
+                     sc["part_barriers"], h, h < cfg.num_q_heads, cfg)
 
 
 def _lags(sc, shape):
@@ -276,10 +300,17 @@ def _conv_y(sc, partners, cfg: CCAConfig):
     """y = conv1(conv0(u)) + b1 + q-k mean, (64, d) float32 in WGMMA layout. conv0 at t-1 and t
     (c0[t-1] = b0 at a segment start, the spec's bias semantics) stay in op_smem[0], op_smem[1]
     as the 16-bit conv1 operands."""
-    op_smem, vec_smem = sc["op_smem"], sc["vec_smem"]
-    shape = op_smem.shape[1:]
     plgpu.barrier_wait(sc["const_barrier"])
     plgpu.barrier_wait(sc["lag_barrier"])
+    c0_prev, c0_cur, mean = _conv0(sc, partners, cfg)
+    return _conv1(sc, c0_prev, c0_cur, mean)
+
+
+def _conv0(sc, partners, cfg: CCAConfig):
+    """(c0[t-1], c0[t], q-k mean), (64, d) float32 in WGMMA layout, from the lag buffers and
+    the partner slots (the caller has awaited the lags and the constants)."""
+    vec_smem = sc["vec_smem"]
+    shape = sc["op_smem"].shape[1:]
     lags = _lags(sc, shape)
     w_old, w_cur, b0 = (_column(vec_smem, i, shape) for i in range(3))
     c0_prev = b0 + w_cur * lags[1] + w_old * lags[2]
@@ -287,12 +318,18 @@ def _conv_y(sc, partners, cfg: CCAConfig):
     mean = 0.0
     if partners is not None:
         mean = 0.5 * (lags[0] + partners.sum() * (1.0 / cfg.group_size))
+    return c0_prev, c0_cur, mean
+
+
+def _conv1(sc, c0_prev, c0_cur, mean):
+    """y = c0[t-1] W1[0] + c0[t] W1[1] + b1 + mean, through op_smem (left holding c0)."""
+    op_smem, w1_smem = sc["op_smem"], sc["w1_smem"]
+    shape = op_smem.shape[1:]
     op_smem.at[0][...] = c0_prev.astype(op_smem.dtype)
     op_smem.at[1][...] = c0_cur.astype(op_smem.dtype)
     plgpu.commit_smem()
-    w1_smem = sc["w1_smem"]
     y = _matmul2(op_smem.at[0], w1_smem.at[0], op_smem.at[1], w1_smem.at[1], shape)
-    return y + _column(vec_smem, 3, shape) + mean
+    return y + _column(sc["vec_smem"], 3, shape) + mean
 
 
 # 2 pi = _TWO_PI_HI + _TWO_PI_LO, the high part with 8 significant bits, so that turns * hi is
@@ -301,7 +338,7 @@ _TWO_PI_HI = 6.28125
 _TWO_PI_LO = 2 * math.pi - _TWO_PI_HI
 
 
-def _rope_angle(sc, shape):
+def _rope_angle(sc, shape, pos_rows=None):
     """position * inv_freq (the reference's float32 angles) of the first shape[1] columns,
     reduced to [0, 2 pi).
 
@@ -310,22 +347,24 @@ def _rope_angle(sc, shape):
     ~2.5 KB of local-memory spills per thread (their slow range-reduction path), which made
     the forward ~20x slower on the H200 (2026-11-30: 3.4 ms vs 0.17 ms without RoPE at 16k).
     Truncation towards zero gives [0, 2 pi) for the usual angles >= 0, and (-2 pi, 0] for
-    negative positions, where the approximate sin/cos are as accurate."""
-    pos = _per_row(row_vec(sc["pos_smem"]), shape).astype(jnp.float32)
+    negative positions, where the approximate sin/cos are as accurate. ``pos_rows``: the rows'
+    positions (WGMMA row layout) if already loaded, else read from ``pos_smem``."""
+    pos_rows = row_vec(sc["pos_smem"]) if pos_rows is None else pos_rows
+    pos = _per_row(pos_rows, shape).astype(jnp.float32)
     angle = pos * lax.broadcast_in_dim(col_vec(sc["vec_smem"].at[5, pl.ds(0, shape[1])]),
                                        shape, [1])
     turns = (angle * (1.0 / (2 * math.pi))).astype(jnp.int32).astype(jnp.float32)
     return (angle - turns * _TWO_PI_HI) - turns * _TWO_PI_LO
 
 
-def _rope(y, sc, rotary, inverse=False):
+def _rope(y, sc, rotary, inverse=False, pos_rows=None):
     """RoPE (or with ``inverse`` its transpose, the rotation by -angle) on the first ``rotary``
     columns of y (64, d) float32: [y1 cos - y2 sin, y2 cos + y1 sin, rest] for the halves y1, y2.
     Column slices at multiples of 8 of a WGMMA-layout array are register renaming."""
     if not rotary:
         return y
     half = rotary // 2
-    angle = _rope_angle(sc, (y.shape[0], half))
+    angle = _rope_angle(sc, (y.shape[0], half), pos_rows)
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     if inverse:
         sin = -sin
@@ -340,42 +379,82 @@ def _inv_norm(y):
 
 # --- forward ---------------------------------------------------------------------------------
 
-def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig):
-    """Runs the kernel (see the module docstring for shapes); q', k' in p's dtype."""
+# Row blocks one forward CTA walks. The head's conv1 taps (64 KB at d=128) and vectors are
+# loaded once per CTA instead of once per block, and the next block's rows are copied while the
+# current one is computed (one CTA per SM fits: 180 KB of SMEM). 4 keeps >= ~4 waves of CTAs at
+# S=16k for 4:4 (8 heads x 64 CTAs on 132 SMs).
+FWD_BLOCKS_PER_CTA = 4
+
+
+def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig, *,
+                 blocks_per_cta: int = FWD_BLOCKS_PER_CTA):
+    """Runs the kernel (see the module docstring for shapes); q', k' in p's dtype.
+    ``blocks_per_cta``: 64-row blocks of one head each CTA computes in turn (1: one per CTA)."""
     why = unsupported_reason(cfg, p.dtype)
     if why is not None:
         raise ValueError(f"the mosaic prologue does not support {why}; use the jnp prologue")
+    if not isinstance(blocks_per_cta, int) or blocks_per_cta < 1:
+        raise ValueError(f"blocks_per_cta must be a positive int; got "
+                         f"blocks_per_cta={blocks_per_cta!r}")
     batch, seq, _, d = p.shape
     hq, hkv = cfg.num_q_heads, cfg.num_kv_heads
     dtype = p.dtype
     inputs = _kernel_inputs(p, conv, temp, positions, segment_positions, cfg)
     seq_pad = inputs[0].shape[1]
     rotary = rotary_dims(d, cfg.rope_fraction)
+    num_blocks = seq_pad // BLOCK_ROWS
+    per_cta = min(blocks_per_cta, num_blocks)
 
     def kernel(*refs, **sc):
         *in_refs, q_ref, k_ref = refs
-        h, _, b, s0, is_q = _tile_position(hq)
-        partners = _start_conv(in_refs, sc, cfg)
-        y = _conv_y(sc, partners, cfg)
-        shape = y.shape
+        h, b = lax.axis_index("heads"), lax.axis_index("batch")
+        is_q = h < hq
+        first = lax.axis_index("rows") * per_cta
+        count = jnp.minimum(per_cta, num_blocks - first)
         op_smem = sc["op_smem"]
+        shape = op_smem.shape[1:]
 
-        # --- normalise, temperature, RoPE --------------------------------------------------
-        inv_norm = _inv_norm(y)
-        out = _rope(y, sc, rotary) * _per_row(inv_norm, shape) * _column(sc["vec_smem"], 4, shape)
+        def start_rows(block):
+            partners = _partners(in_refs, sc, h, b, block, cfg)
+            if partners is not None:
+                partners.start()
+            _copy_rows(in_refs, sc, h, b, block)
 
-        # --- store ---------------------------------------------------------------------------
-        out_smem = op_smem.at[0]  # conv1's wgmmas are done: their result was read
-        out_smem[...] = out.astype(dtype)
-        plgpu.commit_smem()
+        _copy_constants(in_refs, sc, h)
+        start_rows(first)
+        plgpu.barrier_wait(sc["const_barrier"])
 
-        @pl.when(is_q)
-        def _():
-            plgpu.copy_smem_to_gmem(out_smem, q_ref.at[b, pl.ds(s0, BLOCK_ROWS), h])
+        @pl.loop(0, count)
+        def _block(i):
+            block = first + i
+            s0 = block * BLOCK_ROWS
+            plgpu.barrier_wait(sc["lag_barrier"])
+            pos_rows = row_vec(sc["pos_smem"])
+            c0_prev, c0_cur, mean = _conv0(sc, _partners(in_refs, sc, h, b, block, cfg), cfg)
+            # Every thread has read this block's rows and partners (a warpgroup barrier): the
+            # next block's copies may overwrite them while this one is computed.
+            plgpu.commit_smem()
+            pl.when(i + 1 < count)(lambda: start_rows(block + 1))
+            # The previous block's output store has read op_smem[0].
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            y = _conv1(sc, c0_prev, c0_cur, mean)
 
-        @pl.when(jnp.logical_not(is_q))
-        def _():
-            plgpu.copy_smem_to_gmem(out_smem, k_ref.at[b, pl.ds(s0, BLOCK_ROWS), h - hq])
+            # --- normalise, temperature, RoPE ----------------------------------------------
+            out = (_rope(y, sc, rotary, pos_rows=pos_rows) * _per_row(_inv_norm(y), shape)
+                   * _column(sc["vec_smem"], 4, shape))
+
+            # --- store -------------------------------------------------------------------------
+            out_smem = op_smem.at[0]  # conv1's wgmmas are done: their result was read
+            out_smem[...] = out.astype(dtype)
+            plgpu.commit_smem()
+
+            @pl.when(is_q)
+            def _():
+                plgpu.copy_smem_to_gmem(out_smem, q_ref.at[b, pl.ds(s0, BLOCK_ROWS), h])
+
+            @pl.when(jnp.logical_not(is_q))
+            def _():
+                plgpu.copy_smem_to_gmem(out_smem, k_ref.at[b, pl.ds(s0, BLOCK_ROWS), h - hq])
 
         plgpu.wait_smem_to_gmem(0)
 
@@ -384,7 +463,7 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig):
         out_type=(jax.ShapeDtypeStruct((batch, seq_pad, hq, d), dtype),
                   jax.ShapeDtypeStruct((batch, seq_pad, hkv, d), dtype)),
         scratch_types=_conv_scratch(d, dtype, min(cfg.group_size, PARTNER_SLOTS)),
-        grid=(hq + hkv, seq_pad // BLOCK_ROWS, batch),
+        grid=(hq + hkv, pl.cdiv(num_blocks, per_cta), batch),
         grid_names=("heads", "rows", "batch"),
         compiler_params=_COMPILER_PARAMS,
     )(*inputs)
