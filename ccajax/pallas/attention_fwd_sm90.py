@@ -82,11 +82,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_args,
                                        check_block_sizes, pad_axis, round_up)
-from ccajax.pallas.sm90_pipeline import (FIRST_NAMED_BARRIER, THREADS_PER_WG, KVSteps, NamedSlots,
-                                         check_interpret_threads, full_rows, in_interpret_mode,
-                                         kv_flush, matmul, matmul_into, named_barrier,
-                                         next_step_wait, release_slot, ring_drain, ring_producer,
-                                         tile_transforms, zeros_acc)
+from ccajax.pallas.sm90_pipeline import (FIRST_NAMED_BARRIER, NUM_NAMED_BARRIERS, THREADS_PER_WG,
+                                         KVSteps, NamedSlots, check_interpret_threads, full_rows,
+                                         in_interpret_mode, kv_flush, matmul, matmul_into,
+                                         named_barrier, next_step_wait, release_slot, ring_drain,
+                                         ring_producer, tile_transforms, zeros_acc)
 
 MAX_BLOCK = 256
 _LN2 = math.log(2.0)
@@ -254,6 +254,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         k_ids = turn_ids + (4 if persistent else 2)
         slot_threads = (compute_wgs + 1) * THREADS_PER_WG
         named_k, named_v = NamedSlots(k_ids, slot_threads), NamedSlots(k_ids + stages, slot_threads)
+        assert k_ids + 2 * stages <= NUM_NAMED_BARRIERS, (k_ids, stages)  # stages <= 4
 
     def kernel(*refs, q_smem, k_smem, v_smem, p_smem, lse_smem, seg_q_smem, seg_kv_smem,
                q_barriers, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier):

@@ -245,6 +245,12 @@ def _start_conv(in_refs, sc, cfg: CCAConfig):
     partners (None without)."""
     h, block, b, _, _ = _tile_position(cfg.num_q_heads)
     _copy_constants(in_refs, sc, h)
+    return _start_rows(in_refs, sc, h, b, block, cfg)
+
+
+def _start_rows(in_refs, sc, h, b, block, cfg: CCAConfig):
+    """Issues the copies of row block ``block`` (its rows, its q-k mean partners); returns the
+    started partners (None without the mean)."""
     partners = _partners(in_refs, sc, h, b, block, cfg)
     _copy_rows(in_refs, sc, h, b, block)
     return None if partners is None else partners.start()
@@ -415,10 +421,7 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig, *,
         shape = op_smem.shape[1:]
 
         def start_rows(block):
-            partners = _partners(in_refs, sc, h, b, block, cfg)
-            if partners is not None:
-                partners.start()
-            _copy_rows(in_refs, sc, h, b, block)
+            _start_rows(in_refs, sc, h, b, block, cfg)
 
         _copy_constants(in_refs, sc, h)
         start_rows(first)

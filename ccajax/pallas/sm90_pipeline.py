@@ -205,8 +205,9 @@ def ring_producer(*, copies, steps, stages, first=0, drain=True):
 
     ``copies`` is a sequence of ``(issue, consumed)``: ``issue(step, slot)`` starts the TMA
     copies of one ring for one step, and before it refills a slot every compute warpgroup must
-    have released it on ``consumed`` (an mbarrier array or `NamedSlots`, see `release_slot`). The forward and dQ kernels stream k and v as two rings
-    (released separately); the dK/dV kernel streams its q-side operands as one.
+    have released it on ``consumed`` (an mbarrier array or `NamedSlots`, see `release_slot`).
+    The forward and dQ kernels stream k and v as two rings (released separately); the dK/dV
+    kernel streams its q-side operands as one.
     Step i takes ring position ``first + i`` (a persistent CTA keeps one ring across its
     tiles); with ``drain`` the last consumed phases are observed at the end (see `ring_drain`).
     """
