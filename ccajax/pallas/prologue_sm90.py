@@ -420,7 +420,7 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig, *,
         op_smem = sc["op_smem"]
         shape = op_smem.shape[1:]
 
-        def start_rows(block):
+        def start_rows(block):  # for pl.when, whose body may not return the partners
             _start_rows(in_refs, sc, h, b, block, cfg)
 
         _copy_constants(in_refs, sc, h)
@@ -438,7 +438,9 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig, *,
             # next block's copies may overwrite them while this one is computed.
             plgpu.commit_smem()
             pl.when(i + 1 < count)(lambda: start_rows(block + 1))
-            # The previous block's output store has read op_smem[0].
+            # The previous block's output store has read op_smem[0]: the thread that issued it
+            # waits here, and the warpgroup barrier Pallas puts before each SMEM store (auto
+            # barriers, on in this kernel) holds the others until it has.
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             y = _conv1(sc, c0_prev, c0_cur, mean)
 
