@@ -5,8 +5,9 @@
 MODE: ``fwd`` (forward kernel: max-abs error vs the jnp prologue, both timed), ``dy`` / ``du``
 (one backward kernel, run and timed), ``bwd`` (the whole backward: errors of dp and the conv
 gradients vs the jnp prologue's VJP, relative to each reference's max-abs; both timed). Default
-layer: CCA C=2 8:8 at E=2048, d=128, half RoPE, bf16, B=1; ``blocks_per_cta=N`` sets the
-forward kernel's row blocks per CTA. Prints one ``RESULT {json}`` line.
+layer: CCA C=2 8:8 at E=2048, d=128, half RoPE, bf16, B=1; ``blocks_per_cta=N`` and
+``compute_wgs=N`` set the forward kernel's row blocks per CTA and its warpgroups. Prints one
+``RESULT {json}`` line.
 One piece per process because a kernel fault (an illegal instruction) ends the CUDA context;
 with ``MOSAIC_GPU_DUMP_PTXAS=1`` ptxas reports each kernel's registers and spills.
 Timing: `benchmarks.timing.time_call` (ten calls per sync, median).
@@ -32,7 +33,7 @@ def _max_rel(a, b):
     return round(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)), 4)
 
 
-def main(mode, seq=16384, blocks_per_cta=ps.FWD_BLOCKS_PER_CTA, **overrides):
+def main(mode, seq=16384, blocks_per_cta=None, compute_wgs=None, **overrides):
     kwargs = {**dict(num_q_heads=8, num_kv_heads=8, rope_fraction=0.5), **overrides}
     cfg = CCAConfig(d_model=2048, head_dim=128, **kwargs)
     params = cast_tree(init_cca_params(jax.random.key(0), cfg), jnp.bfloat16)
@@ -45,12 +46,13 @@ def main(mode, seq=16384, blocks_per_cta=ps.FWD_BLOCKS_PER_CTA, **overrides):
     ref = jax.jit(lambda p, conv, temp: fused_prologue(conv, temp, p[:, :, :heads], cfg, pos, pos))
     res = {"mode": mode, "S": seq, "cfg": kwargs, "device": jax.devices()[0].device_kind}
     if mode == "fwd":
-        res["blocks_per_cta"] = blocks_per_cta
+        res["blocks_per_cta"], res["compute_wgs"] = blocks_per_cta, compute_wgs
     cts = [jnp.asarray(rng.normal(size=(1, seq, h, 128)), jnp.bfloat16)
            for h in (cfg.num_q_heads, cfg.num_kv_heads)]
     if mode == "fwd":
         f = jax.jit(lambda p, conv, temp: ps.prologue_fwd(p, conv, temp, pos, pos, cfg,
-                                                          blocks_per_cta=blocks_per_cta))
+                                                          blocks_per_cta=blocks_per_cta,
+                                                          compute_wgs=compute_wgs))
         for name, got, want in zip("qk", f(p, conv, temp), ref(p, conv, temp)):
             res[f"max_abs_err_{name}"] = float(jnp.abs(got.astype(jnp.float32)
                                                        - want.astype(jnp.float32)).max())

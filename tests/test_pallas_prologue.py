@@ -95,16 +95,18 @@ def test_forward_matches_reference(rng, name):
         np.testing.assert_allclose(k[:, rows], ref_k[:, rows], atol=TOL, rtol=TOL)
 
 
-@pytest.mark.parametrize("blocks_per_cta", [1, 2, 3])
-def test_forward_row_blocks_per_cta(rng, blocks_per_cta):
-    """S=130 is 3 row blocks: one per CTA (no prefetch), 2 + 1 (a CTA with the remainder), or
-    all 3 in one CTA (each next block's rows copied while the current one is computed). With
-    the race detector: a prefetch that overwrote rows still being read would show."""
+@pytest.mark.parametrize("blocks_per_cta,compute_wgs", [(1, 1), (3, 1), (1, 2), (2, 2), (3, 2)])
+def test_forward_row_blocks_per_cta(rng, blocks_per_cta, compute_wgs):
+    """S=130 is 3 row blocks: one per CTA (no prefetch; with 2 warpgroups one idles), 2 + 1 (a
+    CTA with the remainder), or all 3 in one CTA (each next block's rows copied while the
+    current one is computed; with 2 warpgroups, blocks 0 and 2 in one, 1 in the other). With
+    the race detector: a prefetch that overwrote rows, partners or the output staging tile
+    still being read would show."""
     kwargs, seq, segmented, batch = CONFIGS["ccgqa-zaya1-segments"]
     cfg, params, p, positions = _setup(rng, kwargs, seq, segmented, batch)
     args = _args(cfg, params, p, positions)
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
-        got = prologue_fwd(*args, cfg, blocks_per_cta=blocks_per_cta)
+        got = prologue_fwd(*args, cfg, blocks_per_cta=blocks_per_cta, compute_wgs=compute_wgs)
         got = [np.asarray(x.astype(jnp.float32)) for x in got]
     assert not gpu_interpret.get_races().races_found, "interpreter found a data race"
     for x, want in zip(got, _reference(cfg, *args)):
@@ -222,6 +224,8 @@ def test_bad_inputs_name_the_problem(rng):
     with pytest.raises(ValueError, match="blocks_per_cta must be a positive int; got "
                                          "blocks_per_cta=0"):
         prologue_fwd(*args, cfg, blocks_per_cta=0)
+    with pytest.raises(ValueError, match="compute_wgs must be 1 or 2; got compute_wgs=3"):
+        prologue_fwd(*args, cfg, compute_wgs=3)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu",

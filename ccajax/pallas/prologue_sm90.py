@@ -17,14 +17,15 @@ Kernel layout
 -------------
 * Grid ``(Hq + Hkv, S / 64, B)``, one warpgroup per CTA, one output head and 64 rows each
   (the backward kernels). The forward's CTAs each compute ``blocks_per_cta`` consecutive 64-row
-  blocks of one head (grid ``(Hq + Hkv, S / (64 blocks_per_cta), B)``): the conv1 taps and
-  vectors are copied once per CTA, and the next block's rows (lags, positions, ids, partner
-  tiles) as soon as every thread has read the current block's, so they arrive while it is
-  computed.
+  blocks of one head (grid ``(Hq + Hkv, S / (64 blocks_per_cta), B)``), with one or two compute
+  warpgroups taking every other block, each with its own row buffers: the conv1 taps and
+  vectors are copied once per CTA, a warpgroup's next block's rows (lags, positions, ids) as
+  soon as it has read the current block's, so they arrive while it is computed, and its next
+  partner tiles once the output store has read the slot that stages it.
 * TMA copies into shared memory: the head's rows t - lag for lag 0, 1, 2 into three untiled
   buffers (block 0 copies rows [0, 64 - lag) to buffer rows [lag, 64); the rows before stay
-  unwritten and are masked below), the q-k mean partners through two slots (a q head reads its k
-  head G times, a k head its G q heads, so both sum G tiles and divide by G), the two conv1 taps
+  unwritten and are masked below), the q-k mean partners through one or two slots (a q head
+  reads its k head G times, a k head its G q heads, so both sum G tiles and divide by G), the two conv1 taps
   of the head, the head's per-channel vectors and the rows' positions.
   Tiled (swizzled) tiles are only filled from tile-aligned rows: Mosaic's layout inference rejects
   a TMA into a tiled tile from a row offset it cannot prove a multiple of 8. Shifted rows are
@@ -32,14 +33,16 @@ Kernel layout
   and 6 passed interpret mode but gave wrong rows on the H100 (2026-11-23).
 * Registers (WGMMA layout, float32): the lags, masked by ``segment_positions >= lag`` (zero
   before the segment start); conv0 at t and t-1 (c0[t-1] = b0 at a segment start, the spec's
-  bias semantics), stored as bf16 into two swizzled operand tiles, then conv1 = two wgmmas.
-  y = c1 + b1 + mean.
+  bias semantics), rounded to bf16, then conv1 = two wgmmas (the forward takes A from
+  registers on the GPU; the backward and interpret mode go through two swizzled operand
+  tiles). y = c1 + b1 + mean.
 * RoPE (`_rope`) works on column slices of y: in the WGMMA layout a thread holds every 8-column
   block of its rows, so the rotated halves y[:, :r/2] and y[:, r/2:r] sit in the same thread and
   slicing them is register renaming (hence rotary dims a multiple of 16). cos/sin are computed
   once per (row, frequency), (64, r/2), from position * inv_freq (the reference's float32
   angles), reduced modulo 2 pi and fed to the approximate sin/cos (`_rope_angle` says why).
-* out = rope(y) * sqrt(d) / ||y|| (* temperature for keys), rounded once, TMA-stored.
+* out = rope(y) * sqrt(d) / ||y|| (* temperature for keys), rounded once, TMA-stored (the
+  forward stages it in the first partner slot).
 
 Backward
 --------
@@ -70,7 +73,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ccajax.config import CCAConfig, rotary_dims
 from ccajax.pallas.sm90_common import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, over_batch, pad_axis,
                                        round_up, vary_like)
-from ccajax.pallas.sm90_pipeline import col_vec, matmul, row_vec, tile_transforms
+from ccajax.pallas.sm90_pipeline import (check_interpret_threads, col_vec, in_interpret_mode, matmul,
+                                        row_vec, tile_transforms)
 
 BLOCK_ROWS = 64  # one warpgroup's wgmma tile
 LAGS = 3  # conv0 at t and t-1 reads rows t, t-1, t-2
@@ -191,10 +195,12 @@ def _copy_rows_shifted(rows_of, dst, s0, shift, at_edge, barrier):
 class _Partners:
     """The G tiles a head's q-k mean term reads, through the slots of ``smem``: a q head's partner
     is its k head (read G times, so that q and k heads share one branch-free code path), a k
-    head's are its G q heads. ``tile_of(head)`` is the partner's 64 rows in global memory."""
+    head's are its G q heads. ``tile_of(head)`` is the partner's 64 rows in global memory; slot
+    i's barrier is ``barriers.at[first_barrier + i]``."""
 
-    def __init__(self, tile_of, smem, barriers, h, is_q, cfg: CCAConfig):
+    def __init__(self, tile_of, smem, barriers, h, is_q, cfg: CCAConfig, first_barrier=0):
         self.tile_of, self.smem, self.barriers, self.is_q = tile_of, smem, barriers, is_q
+        self.first_barrier = first_barrier
         self.slots, self.group = smem.shape[0], cfg.group_size
         self.k_head = cfg.num_q_heads + lax.div(h, jnp.int32(self.group))
         self.first_q_head = (h - cfg.num_q_heads) * self.group
@@ -202,7 +208,10 @@ class _Partners:
     def _copy(self, g):
         src = jnp.where(self.is_q, self.k_head, self.first_q_head + g)
         slot = g % self.slots
-        plgpu.copy_gmem_to_smem(self.tile_of(src), self.smem.at[slot], self.barriers.at[slot])
+        plgpu.copy_gmem_to_smem(self.tile_of(src), self.smem.at[slot], self._barrier(slot))
+
+    def _barrier(self, slot):
+        return self.barriers.at[self.first_barrier + slot]
 
     def start(self):
         for g in range(min(self.slots, self.group)):
@@ -214,7 +223,7 @@ class _Partners:
         total = 0.0
         for g in range(self.group):
             slot = g % self.slots
-            plgpu.barrier_wait(self.barriers.at[slot])
+            plgpu.barrier_wait(self._barrier(slot))
             total = total + plgpu.load(self.smem.at[slot], layout=_WGMMA).astype(jnp.float32)
             if g + self.slots < self.group:
                 plgpu.commit_smem()  # warpgroup barrier: every thread has read the slot
@@ -245,12 +254,6 @@ def _start_conv(in_refs, sc, cfg: CCAConfig):
     partners (None without)."""
     h, block, b, _, _ = _tile_position(cfg.num_q_heads)
     _copy_constants(in_refs, sc, h)
-    return _start_rows(in_refs, sc, h, b, block, cfg)
-
-
-def _start_rows(in_refs, sc, h, b, block, cfg: CCAConfig):
-    """Issues the copies of row block ``block`` (its rows, its q-k mean partners); returns the
-    started partners (None without the mean)."""
     partners = _partners(in_refs, sc, h, b, block, cfg)
     _copy_rows(in_refs, sc, h, b, block)
     return None if partners is None else partners.start()
@@ -288,7 +291,8 @@ def _partners(in_refs, sc, h, b, block, cfg: CCAConfig):
         return None
     p_ref, s0 = in_refs[0], block * BLOCK_ROWS
     return _Partners(lambda head: p_ref.at[b, pl.ds(s0, BLOCK_ROWS), head], sc["part_smem"],
-                     sc["part_barriers"], h, h < cfg.num_q_heads, cfg)
+                     sc["part_barriers"], h, h < cfg.num_q_heads, cfg,
+                     sc.get("first_part_barrier", 0))
 
 
 def _lags(sc, shape):
@@ -316,7 +320,7 @@ def _conv0(sc, partners, cfg: CCAConfig):
     """(c0[t-1], c0[t], q-k mean), (64, d) float32 in WGMMA layout, from the lag buffers and
     the partner slots (the caller has awaited the lags and the constants)."""
     vec_smem = sc["vec_smem"]
-    shape = sc["op_smem"].shape[1:]
+    shape = sc["lag_smem"].shape[1:]
     lags = _lags(sc, shape)
     w_old, w_cur, b0 = (_column(vec_smem, i, shape) for i in range(3))
     c0_prev = b0 + w_cur * lags[1] + w_old * lags[2]
@@ -385,20 +389,67 @@ def _inv_norm(y):
 
 # --- forward ---------------------------------------------------------------------------------
 
-# Row blocks one forward CTA walks. The head's conv1 taps (64 KB at d=128) and vectors are
-# loaded once per CTA instead of once per block, and the next block's rows are copied while the
-# current one is computed (one CTA per SM fits: 180 KB of SMEM). 4 keeps >= ~4 waves of CTAs at
-# S=16k for 4:4 (8 heads x 64 CTAs on 132 SMs).
-FWD_BLOCKS_PER_CTA = 4
+# Row blocks each forward warpgroup walks: the head's conv1 taps (64 KB at d=128) and vectors
+# are loaded once per CTA instead of once per block. Compute warpgroups per CTA: 2 when each
+# can have its own partner slot (G = 1; one CTA fits per SM, held by the taps), each walking
+# every other block of the CTA with its own row buffers; one warpgroup alone left the SM idle
+# while it waited on its copies and its wgmma. With G > 1 one warpgroup with two partner slots
+# measured faster (the G partner tiles of a block would pass through one slot in turn).
+# H200, S=16k, ms (`prologue_kernels.py fwd`, 2026-12-01): 4:4 0.083 (1 warpgroup, 4 blocks)
+# -> 0.062 (2, 8); 8:8 0.144 -> 0.108; 8:2 0.149 (1, 4) vs 0.163 (2, 8).
+FWD_BLOCKS_PER_WG = 4
+
+
+def fwd_compute_wgs(cfg: CCAConfig) -> int:
+    """The forward's default compute warpgroups per CTA (see above)."""
+    return 2 if cfg.group_size == 1 else 1
+
+
+def _fwd_scratch(d, dtype, wgs, slots, register_a):
+    """The forward's scratch: per warpgroup 3 lag buffers (untiled, shifted copies) and ``slots``
+    partner tiles, the first also staging the output; shared conv1 taps and vectors. d=128, 2
+    warpgroups, 1 slot: 2 x 64 + 64 + 4 = 196 KB. Without ``register_a`` (interpret mode: its
+    wgmma reads A from SMEM) two operand tiles per warpgroup as well."""
+    tiled = tile_transforms()
+    scratch = dict(
+        lag_smem=plgpu.SMEM((wgs, LAGS, BLOCK_ROWS, d), dtype),
+        part_smem=plgpu.SMEM((wgs, slots, BLOCK_ROWS, d), dtype, transforms=tiled),
+        w1_smem=plgpu.SMEM((2, d, d), dtype, transforms=tiled),
+        vec_smem=plgpu.SMEM((_VEC_ROWS, d), jnp.float32),
+        pos_smem=plgpu.SMEM((wgs, BLOCK_ROWS), jnp.int32),
+        segpos_smem=plgpu.SMEM((wgs, BLOCK_ROWS), jnp.int32),
+        lag_barrier=plgpu.Barrier(num_arrivals=LAGS + 2, num_barriers=wgs),
+        part_barriers=plgpu.Barrier(num_barriers=wgs * slots),
+        const_barrier=plgpu.Barrier(num_arrivals=3),  # 2 conv1 taps, vectors
+    )
+    if not register_a:
+        scratch["op_smem"] = plgpu.SMEM((wgs, 2, BLOCK_ROWS, d), dtype, transforms=tiled)
+    return scratch
+
+
+def _wg_view(sc, wg, slots):
+    """Warpgroup ``wg``'s share of `_fwd_scratch`, under the names the conv helpers read."""
+    view = dict(sc)
+    for name in ("lag_smem", "part_smem", "pos_smem", "segpos_smem", "lag_barrier", "op_smem"):
+        if name in sc:
+            view[name] = sc[name].at[wg]
+    view["first_part_barrier"] = wg * slots
+    return view
 
 
 def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig, *,
-                 blocks_per_cta: int = FWD_BLOCKS_PER_CTA):
+                 blocks_per_cta: int | None = None, compute_wgs: int | None = None):
     """Runs the kernel (see the module docstring for shapes); q', k' in p's dtype.
-    ``blocks_per_cta``: 64-row blocks of one head each CTA computes in turn (1: one per CTA)."""
+    ``compute_wgs``: warpgroups per CTA, 1 or 2 (None: `fwd_compute_wgs`);
+    ``blocks_per_cta``: 64-row blocks of one head each CTA computes (1: one per CTA; None:
+    ``FWD_BLOCKS_PER_WG`` per warpgroup), warpgroup w taking blocks w, w + 2, ... of them."""
     why = unsupported_reason(cfg, p.dtype)
     if why is not None:
         raise ValueError(f"the mosaic prologue does not support {why}; use the jnp prologue")
+    compute_wgs = fwd_compute_wgs(cfg) if compute_wgs is None else compute_wgs
+    if compute_wgs not in (1, 2):
+        raise ValueError(f"compute_wgs must be 1 or 2; got compute_wgs={compute_wgs!r}")
+    blocks_per_cta = FWD_BLOCKS_PER_WG * compute_wgs if blocks_per_cta is None else blocks_per_cta
     if not isinstance(blocks_per_cta, int) or blocks_per_cta < 1:
         raise ValueError(f"blocks_per_cta must be a positive int; got "
                          f"blocks_per_cta={blocks_per_cta!r}")
@@ -410,56 +461,79 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig, *,
     rotary = rotary_dims(d, cfg.rope_fraction)
     num_blocks = seq_pad // BLOCK_ROWS
     per_cta = min(blocks_per_cta, num_blocks)
+    wgs = compute_wgs
+    # One partner slot per warpgroup with two (SMEM); the first slot also stages the output.
+    slots = 1 if wgs == 2 else min(cfg.group_size, PARTNER_SLOTS)
+    interpret = in_interpret_mode()
+    if interpret:
+        check_interpret_threads(wgs)
 
     def kernel(*refs, **sc):
         *in_refs, q_ref, k_ref = refs
         h, b = lax.axis_index("heads"), lax.axis_index("batch")
+        wg = lax.axis_index("wg") if wgs > 1 else 0
+        wsc = _wg_view(sc, wg, slots)
         is_q = h < hq
         first = lax.axis_index("rows") * per_cta
-        count = jnp.minimum(per_cta, num_blocks - first)
-        op_smem = sc["op_smem"]
-        shape = op_smem.shape[1:]
+        # This warpgroup's blocks: first + wg, first + wg + wgs, ... below first + count.
+        count = lax.div(jnp.minimum(per_cta, num_blocks - first) - wg + (wgs - 1), wgs)
+        stage = wsc["part_smem"].at[0]
 
-        def start_rows(block):  # for pl.when, whose body may not return the partners
-            _start_rows(in_refs, sc, h, b, block, cfg)
+        def partners(block):
+            return _partners(in_refs, wsc, h, b, block, cfg)
 
-        _copy_constants(in_refs, sc, h)
-        start_rows(first)
+        def start_partners(block):  # for pl.when, whose body may not return the partners
+            if cfg.use_qk_mean:
+                partners(block).start()
+
+        pl.when(wg == 0)(lambda: _copy_constants(in_refs, sc, h))
+
+        @pl.when(count > 0)
+        def _():
+            _copy_rows(in_refs, wsc, h, b, first + wg)
+            start_partners(first + wg)
+
         plgpu.barrier_wait(sc["const_barrier"])
 
         @pl.loop(0, count)
         def _block(i):
-            block = first + i
+            block = first + wg + i * wgs
             s0 = block * BLOCK_ROWS
-            plgpu.barrier_wait(sc["lag_barrier"])
-            pos_rows = row_vec(sc["pos_smem"])
-            c0_prev, c0_cur, mean = _conv0(sc, _partners(in_refs, sc, h, b, block, cfg), cfg)
+            plgpu.barrier_wait(wsc["lag_barrier"])
+            pos_rows = row_vec(wsc["pos_smem"])
+            c0_prev, c0_cur, mean = _conv0(wsc, partners(block), cfg)
             # Every thread has read this block's rows and partners (a warpgroup barrier): the
-            # next block's copies may overwrite them while this one is computed.
+            # next block's rows may overwrite them while this one is computed.
             plgpu.commit_smem()
-            pl.when(i + 1 < count)(lambda: start_rows(block + 1))
-            # The previous block's output store has read op_smem[0]: the thread that issued it
-            # waits here, and the warpgroup barrier Pallas puts before each SMEM store (auto
-            # barriers, on in this kernel) holds the others until it has.
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            y = _conv1(sc, c0_prev, c0_cur, mean)
+            pl.when(i + 1 < count)(lambda: _copy_rows(in_refs, wsc, h, b, block + wgs))
+            if interpret:
+                y = _conv1(wsc, c0_prev, c0_cur, mean)
+            else:  # A from registers: no SMEM round trip before the wgmma
+                w1 = sc["w1_smem"]
+                y = (_matmul2(c0_prev.astype(dtype), w1.at[0], c0_cur.astype(dtype), w1.at[1],
+                              c0_prev.shape)
+                     + _column(sc["vec_smem"], 3, c0_prev.shape) + mean)
 
             # --- normalise, temperature, RoPE ----------------------------------------------
-            out = (_rope(y, sc, rotary, pos_rows=pos_rows) * _per_row(_inv_norm(y), shape)
+            shape = y.shape
+            out = (_rope(y, wsc, rotary, pos_rows=pos_rows) * _per_row(_inv_norm(y), shape)
                    * _column(sc["vec_smem"], 4, shape))
 
-            # --- store -------------------------------------------------------------------------
-            out_smem = op_smem.at[0]  # conv1's wgmmas are done: their result was read
-            out_smem[...] = out.astype(dtype)
+            # --- store, through the first partner slot (its partners were read above) -------
+            stage[...] = out.astype(dtype)
             plgpu.commit_smem()
 
             @pl.when(is_q)
             def _():
-                plgpu.copy_smem_to_gmem(out_smem, q_ref.at[b, pl.ds(s0, BLOCK_ROWS), h])
+                plgpu.copy_smem_to_gmem(stage, q_ref.at[b, pl.ds(s0, BLOCK_ROWS), h])
 
             @pl.when(jnp.logical_not(is_q))
             def _():
-                plgpu.copy_smem_to_gmem(out_smem, k_ref.at[b, pl.ds(s0, BLOCK_ROWS), h - hq])
+                plgpu.copy_smem_to_gmem(stage, k_ref.at[b, pl.ds(s0, BLOCK_ROWS), h - hq])
+
+            # The next block's partners go into the staging slot once the store has read it.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            pl.when(i + 1 < count)(lambda: start_partners(block + wgs))
 
         plgpu.wait_smem_to_gmem(0)
 
@@ -467,9 +541,11 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig, *,
         kernel,
         out_type=(jax.ShapeDtypeStruct((batch, seq_pad, hq, d), dtype),
                   jax.ShapeDtypeStruct((batch, seq_pad, hkv, d), dtype)),
-        scratch_types=_conv_scratch(d, dtype, min(cfg.group_size, PARTNER_SLOTS)),
+        scratch_types=_fwd_scratch(d, dtype, wgs, slots, register_a=not interpret),
         grid=(hq + hkv, pl.cdiv(num_blocks, per_cta), batch),
         grid_names=("heads", "rows", "batch"),
+        num_threads=wgs if wgs > 1 else None,
+        thread_name="wg" if wgs > 1 else None,
         compiler_params=_COMPILER_PARAMS,
     )(*inputs)
     return q[:, :seq], k[:, :seq]
