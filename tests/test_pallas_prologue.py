@@ -24,6 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ccajax import CCAConfig, cca_qkv, init_cca_params
 from ccajax._common import cast_tree
 from ccajax.cca_fused import cca_qkv_fused, fused_prologue
+from ccajax.pallas import prologue_sm90
 from ccajax.pallas.prologue_sm90 import mosaic_prologue, prologue_fwd
 from ccajax.rope import contiguous_segments, default_positions
 
@@ -111,6 +112,27 @@ def test_forward_row_blocks_per_cta(rng, blocks_per_cta, compute_wgs):
     assert not gpu_interpret.get_races().races_found, "interpreter found a data race"
     for x, want in zip(got, _reference(cfg, *args)):
         np.testing.assert_allclose(x, want, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("blocks_per_cta,compute_wgs", [(3, 1), (1, 2), (2, 2), (3, 2)])
+def test_du_kernel_row_walks_agree(rng, blocks_per_cta, compute_wgs):
+    """The du kernel walking S=130's 3 row blocks like the forward (see above), against one
+    block per CTA, with the race detector; G=4 and segments, so with 2 warpgroups a block's 4
+    partner tiles pass through one slot that then stages the output."""
+    kwargs, seq, _, batch = CONFIGS["ccgqa-zaya1-segments"]
+    cfg, params, p, positions = _setup(rng, kwargs, seq, True, batch)
+    p, conv, temp, positions, segpos = _args(cfg, params, p, positions)
+    inputs = prologue_sm90._kernel_inputs(p, conv, temp, positions, segpos, cfg)
+    heads, seq_pad = cfg.num_q_heads + cfg.num_kv_heads, inputs[0].shape[1]
+    dy = jnp.asarray(rng.normal(size=(heads, batch, seq_pad, cfg.head_dim)), p.dtype)
+    args = (dy, prologue_sm90.next_segment_positions(inputs[2]), inputs[3], inputs[4], cfg)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+        want = prologue_sm90._du_kernel(*args, blocks_per_cta=1, compute_wgs=1)
+        got = prologue_sm90._du_kernel(*args, blocks_per_cta=blocks_per_cta,
+                                       compute_wgs=compute_wgs)
+    assert not gpu_interpret.get_races().races_found, "interpreter found a data race"
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                  np.asarray(want.astype(jnp.float32)))
 
 
 def test_far_positions_reduce_the_rope_angle(rng):

@@ -16,8 +16,8 @@ Shapes
 Kernel layout
 -------------
 * Grid ``(Hq + Hkv, S / 64, B)``, one warpgroup per CTA, one output head and 64 rows each
-  (the backward kernels). The forward's CTAs each compute ``blocks_per_cta`` consecutive 64-row
-  blocks of one head (grid ``(Hq + Hkv, S / (64 blocks_per_cta), B)``), with one or two compute
+  (the dy kernel). The forward's and the du kernel's CTAs each compute ``blocks_per_cta``
+  consecutive 64-row blocks of one head (grid ``(Hq + Hkv, S / (64 blocks_per_cta), B)``), with one or two compute
   warpgroups taking every other block, each with its own row buffers: the conv1 taps and
   vectors are copied once per CTA, a warpgroup's next block's rows (lags, positions, ids) as
   soon as it has read the current block's, so they arrive while it is computed, and its next
@@ -52,11 +52,13 @@ Backward
   batched XLA matmul), per-row sums y_hat . g (the out scale's gradient, for the temperature)
   and per-tile column sums for d w0 (dc0 = dy W1^T by two wgmmas with transposed W1 views). XLA
   takes d b1 as the sum of dy, d b0 as that sum times (W1[0] + W1[1])^T, and sums the rest.
-* du kernel, grid as above: the conv's mirror image, looking ahead. dL/dc0[t] = dy[t] W1[1]^T +
-  m1[t+1] dy[t+1] W1[0]^T and du[t] = w0[1] dL/dc0[t] + w0[0] m1[t+1] dL/dc0[t+1] (m1[t]: t is
-  not a segment start) need dy at rows t+1, t+2: copied shifted by TMA into untiled buffers (the
-  last block's rows past the end stay unwritten; zero-padded segment positions mask them), then
-  masked into swizzled tiles: four wgmmas. Plus the q-k mean's share, through the partner slots.
+* du kernel, CTAs and warpgroups as the forward's: the conv's mirror image, looking ahead.
+  dL/dc0[t] = dy[t] W1[1]^T + m1[t+1] dy[t+1] W1[0]^T and du[t] = w0[1] dL/dc0[t] + w0[0]
+  m1[t+1] dL/dc0[t+1] (m1[t]: t is not a segment start) need dy at rows t+1, t+2: copied
+  shifted by TMA into untiled buffers (the last block's rows past the end stay unwritten;
+  zero-padded segment positions mask them), then masked in registers into the A operands of
+  four wgmmas (through swizzled tiles in interpret mode). Plus the q-k mean's share, through
+  the partner slots.
 """
 
 from __future__ import annotations
@@ -389,20 +391,42 @@ def _inv_norm(y):
 
 # --- forward ---------------------------------------------------------------------------------
 
-# Row blocks each forward warpgroup walks: the head's conv1 taps (64 KB at d=128) and vectors
-# are loaded once per CTA instead of once per block. Compute warpgroups per CTA: 2 when each
-# can have its own partner slot (G = 1; one CTA fits per SM, held by the taps), each walking
-# every other block of the CTA with its own row buffers; one warpgroup alone left the SM idle
-# while it waited on its copies and its wgmma. With G > 1 one warpgroup with two partner slots
-# measured faster (the G partner tiles of a block would pass through one slot in turn).
-# H200, S=16k, ms (`prologue_kernels.py fwd`, 2026-12-01): 4:4 0.083 (1 warpgroup, 4 blocks)
-# -> 0.062 (2, 8); 8:8 0.144 -> 0.108; 8:2 0.149 (1, 4) vs 0.163 (2, 8).
-FWD_BLOCKS_PER_WG = 4
+# Row blocks each warpgroup of the forward and du kernels walks: the head's conv1 taps (64 KB at
+# d=128) and vectors are loaded once per CTA instead of once per block. Compute warpgroups per
+# CTA: 2 when each can have its own partner slot (G = 1; one CTA fits per SM, held by the taps),
+# each walking every other block of the CTA with its own row buffers; one warpgroup alone left
+# the SM idle while it waited on its copies and its wgmma. With G > 1 one warpgroup with two
+# partner slots measured faster (the G partner tiles of a block would pass through one slot in
+# turn). The forward on the H200, S=16k, ms (`prologue_kernels.py fwd`, 2026-12-01): 4:4 0.083
+# (1 warpgroup, 4 blocks) -> 0.062 (2, 8); 8:8 0.144 -> 0.108; 8:2 0.149 (1, 4) vs 0.163 (2, 8).
+BLOCKS_PER_WG = 4
 
 
-def fwd_compute_wgs(cfg: CCAConfig) -> int:
-    """The forward's default compute warpgroups per CTA (see above)."""
+def default_compute_wgs(cfg: CCAConfig) -> int:
+    """Compute warpgroups per CTA of the forward and du kernels by default (see above)."""
     return 2 if cfg.group_size == 1 else 1
+
+
+def _row_walk(cfg: CCAConfig, num_blocks, blocks_per_cta, compute_wgs):
+    """(warpgroups, blocks per CTA, partner slots per warpgroup) of a kernel walking row blocks,
+    from `prologue_fwd`'s arguments (None: the defaults); ValueError on bad ones."""
+    compute_wgs = default_compute_wgs(cfg) if compute_wgs is None else compute_wgs
+    if compute_wgs not in (1, 2):
+        raise ValueError(f"compute_wgs must be 1 or 2; got compute_wgs={compute_wgs!r}")
+    blocks_per_cta = BLOCKS_PER_WG * compute_wgs if blocks_per_cta is None else blocks_per_cta
+    if not isinstance(blocks_per_cta, int) or blocks_per_cta < 1:
+        raise ValueError(f"blocks_per_cta must be a positive int; got "
+                         f"blocks_per_cta={blocks_per_cta!r}")
+    # One partner slot per warpgroup with two (SMEM); the first slot also stages the output.
+    slots = 1 if compute_wgs == 2 else min(cfg.group_size, PARTNER_SLOTS)
+    return compute_wgs, min(blocks_per_cta, num_blocks), slots
+
+
+def _wg_blocks(per_cta, num_blocks, wg, wgs):
+    """(this CTA's first block, how many blocks warpgroup ``wg`` takes): blocks first + wg,
+    first + wg + wgs, ... below the CTA's end."""
+    first = lax.axis_index("rows") * per_cta
+    return first, lax.div(jnp.minimum(per_cta, num_blocks - first) - wg + (wgs - 1), wgs)
 
 
 def _fwd_scratch(d, dtype, wgs, slots, register_a):
@@ -440,19 +464,12 @@ def _wg_view(sc, wg, slots):
 def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig, *,
                  blocks_per_cta: int | None = None, compute_wgs: int | None = None):
     """Runs the kernel (see the module docstring for shapes); q', k' in p's dtype.
-    ``compute_wgs``: warpgroups per CTA, 1 or 2 (None: `fwd_compute_wgs`);
+    ``compute_wgs``: warpgroups per CTA, 1 or 2 (None: `default_compute_wgs`);
     ``blocks_per_cta``: 64-row blocks of one head each CTA computes (1: one per CTA; None:
-    ``FWD_BLOCKS_PER_WG`` per warpgroup), warpgroup w taking blocks w, w + 2, ... of them."""
+    ``BLOCKS_PER_WG`` per warpgroup), warpgroup w taking blocks w, w + 2, ... of them."""
     why = unsupported_reason(cfg, p.dtype)
     if why is not None:
         raise ValueError(f"the mosaic prologue does not support {why}; use the jnp prologue")
-    compute_wgs = fwd_compute_wgs(cfg) if compute_wgs is None else compute_wgs
-    if compute_wgs not in (1, 2):
-        raise ValueError(f"compute_wgs must be 1 or 2; got compute_wgs={compute_wgs!r}")
-    blocks_per_cta = FWD_BLOCKS_PER_WG * compute_wgs if blocks_per_cta is None else blocks_per_cta
-    if not isinstance(blocks_per_cta, int) or blocks_per_cta < 1:
-        raise ValueError(f"blocks_per_cta must be a positive int; got "
-                         f"blocks_per_cta={blocks_per_cta!r}")
     batch, seq, _, d = p.shape
     hq, hkv = cfg.num_q_heads, cfg.num_kv_heads
     dtype = p.dtype
@@ -460,10 +477,7 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig, *,
     seq_pad = inputs[0].shape[1]
     rotary = rotary_dims(d, cfg.rope_fraction)
     num_blocks = seq_pad // BLOCK_ROWS
-    per_cta = min(blocks_per_cta, num_blocks)
-    wgs = compute_wgs
-    # One partner slot per warpgroup with two (SMEM); the first slot also stages the output.
-    slots = 1 if wgs == 2 else min(cfg.group_size, PARTNER_SLOTS)
+    wgs, per_cta, slots = _row_walk(cfg, num_blocks, blocks_per_cta, compute_wgs)
     interpret = in_interpret_mode()
     if interpret:
         check_interpret_threads(wgs)
@@ -474,9 +488,7 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig, *,
         wg = lax.axis_index("wg") if wgs > 1 else 0
         wsc = _wg_view(sc, wg, slots)
         is_q = h < hq
-        first = lax.axis_index("rows") * per_cta
-        # This warpgroup's blocks: first + wg, first + wg + wgs, ... below first + count.
-        count = lax.div(jnp.minimum(per_cta, num_blocks - first) - wg + (wgs - 1), wgs)
+        first, count = _wg_blocks(per_cta, num_blocks, wg, wgs)
         stage = wsc["part_smem"].at[0]
 
         def partners(block):
@@ -640,7 +652,8 @@ def next_segment_positions(segment_positions):
     return jnp.stack([ahead[:, 1:1 + seq], ahead[:, 2:]], axis=1)
 
 
-def _du_kernel(dy, segpos_next, vecs, w1, cfg: CCAConfig):
+def _du_kernel(dy, segpos_next, vecs, w1, cfg: CCAConfig, *, blocks_per_cta: int | None = None,
+               compute_wgs: int | None = None):
     """dL/du (B, S_pad, H, d) from dy (H, B, S_pad, d), the conv's look-ahead mirror image.
 
     With dc0[t] = dL/d c0[t] = dy[t] W1[1]^T + m1[t+1] dy[t+1] W1[0]^T (m_l[t]: t's segment
@@ -649,81 +662,126 @@ def _du_kernel(dy, segpos_next, vecs, w1, cfg: CCAConfig):
     ``segpos_next`` (B, 2, S_pad): `next_segment_positions` (shifted in XLA, so that every
     copy starts at the tile's first row: the first version
     copied them from rows s0+1, s0+2 and hit an illegal instruction on the H200, 2026-11-30).
+    CTAs and warpgroups walk row blocks as in the forward (`prologue_fwd`'s arguments).
     """
     heads, batch, seq_pad, d = dy.shape
     hq, group, rows, dtype = cfg.num_q_heads, cfg.group_size, BLOCK_ROWS, dy.dtype
-    blocks = seq_pad // rows
+    num_blocks = seq_pad // rows
+    wgs, per_cta, slots = _row_walk(cfg, num_blocks, blocks_per_cta, compute_wgs)
+    register_a = not in_interpret_mode()
+    if not register_a:
+        check_interpret_threads(wgs)
 
-    def kernel(dy_ref, segpos_ref, vec_ref, w1_ref, du_ref, *, ahead_smem, op_smem, part_smem,
-               w1_smem, vec_smem, segpos_smem, dy_barrier, part_barriers, const_barrier):
-        h, block, b, s0, is_q = _tile_position(hq)
-        for tap in range(2):
-            plgpu.copy_gmem_to_smem(w1_ref.at[tap, h], w1_smem.at[tap], const_barrier)
-        plgpu.copy_gmem_to_smem(vec_ref.at[h], vec_smem, const_barrier)
-        for i in range(2):
-            plgpu.copy_gmem_to_smem(segpos_ref.at[b, i, pl.ds(s0, rows)], segpos_smem.at[i],
-                                    const_barrier)
+    def kernel(dy_ref, segpos_ref, vec_ref, w1_ref, du_ref, *, ahead_smem, own_smem, part_smem,
+               w1_smem, vec_smem, segpos_smem, row_barriers, part_barriers, const_barrier,
+               op_smem=None):
+        h, b = lax.axis_index("heads"), lax.axis_index("batch")
+        wg = lax.axis_index("wg") if wgs > 1 else 0
+        is_q = h < hq
+        first, count = _wg_blocks(per_cta, num_blocks, wg, wgs)
+        ahead, own, part = ahead_smem.at[wg], own_smem.at[wg], part_smem.at[wg]
+        segpos, row_barrier, stage = segpos_smem.at[wg], row_barriers.at[wg], part.at[0]
 
-        # op_smem[0][t] = dy[s0 + t]; ahead_smem[i][t] = dy[s0 + t + 1 + i], the last block's
-        # rows past the end unwritten (their segment positions are 0: masked).
         def rows_of(ds):
             return dy_ref.at[h, b, ds]
 
-        plgpu.copy_gmem_to_smem(rows_of(pl.ds(s0, rows)), op_smem.at[0], dy_barrier)
-        for i in range(2):
-            _copy_rows_shifted(rows_of, ahead_smem.at[i], s0, 1 + i, block == blocks - 1,
-                               dy_barrier)
-        partners = None
-        if cfg.use_qk_mean:
-            partners = _Partners(lambda head: dy_ref.at[head, b, pl.ds(s0, rows)], part_smem,
-                                 part_barriers, h, is_q, cfg).start()
+        def copy_rows(block):
+            """own[t] = dy[s0 + t]; ahead[i][t] = dy[s0 + t + 1 + i], the last block's rows past
+            the end unwritten (their segment positions are 0: masked)."""
+            s0 = block * rows
+            for i in range(2):
+                plgpu.copy_gmem_to_smem(segpos_ref.at[b, i, pl.ds(s0, rows)], segpos.at[i],
+                                        row_barrier)
+            plgpu.copy_gmem_to_smem(rows_of(pl.ds(s0, rows)), own, row_barrier)
+            for i in range(2):
+                _copy_rows_shifted(rows_of, ahead.at[i], s0, 1 + i, block == num_blocks - 1,
+                                   row_barrier)
+
+        def partners(block):
+            return _Partners(lambda head: dy_ref.at[head, b, pl.ds(block * rows, rows)], part,
+                             part_barriers, h, is_q, cfg, wg * slots)
+
+        def start_partners(block):  # for pl.when, whose body may not return the partners
+            if cfg.use_qk_mean:
+                partners(block).start()
+
+        @pl.when(wg == 0)
+        def _():
+            for tap in range(2):
+                plgpu.copy_gmem_to_smem(w1_ref.at[tap, h], w1_smem.at[tap], const_barrier)
+            plgpu.copy_gmem_to_smem(vec_ref.at[h], vec_smem, const_barrier)
+
+        @pl.when(count > 0)
+        def _():
+            copy_rows(first + wg)
+            start_partners(first + wg)
 
         shape = (rows, d)
-        plgpu.barrier_wait(const_barrier)
-        plgpu.barrier_wait(dy_barrier)
-        for i in range(2):  # op_smem[1 + i] = m_{1+i}[t+1+i] dy[t+1+i]; m2[t+2] = m1[t+1] m1[t+2]
-            lag = 1 + i
-            segpos = _per_row(row_vec(segpos_smem.at[i]), shape)
-            ahead = plgpu.load(ahead_smem.at[i], layout=_WGMMA).astype(jnp.float32)
-            op_smem.at[1 + i][...] = jnp.where(segpos >= lag, ahead, 0.0).astype(dtype)
-        plgpu.commit_smem()
         w1t = [w1_smem.at[tap].transpose((1, 0)) for tap in range(2)]
-        dc0 = _matmul2(op_smem.at[0], w1t[1], op_smem.at[1], w1t[0], shape)
-        dc0_next = _matmul2(op_smem.at[1], w1t[1], op_smem.at[2], w1t[0], shape)  # m1[t+1] dc0[t+1]
-        du = _column(vec_smem, 1, shape) * dc0 + _column(vec_smem, 0, shape) * dc0_next
-        if partners is not None:
-            # mq_h = (u_h + u_k) / 2, mk = u_k / 2 + mean of the G q heads / 2: a q head gets
-            # dy_k / (2G) (its partner tiles are G copies of dy_k), a k head its q heads' dy / 2.
-            own = plgpu.load(op_smem.at[0], layout=_WGMMA).astype(jnp.float32)
-            share = jnp.where(is_q, 0.5 / group ** 2, 0.5)
-            du = du + 0.5 * own + share * partners.sum()
-        out_smem = op_smem.at[1]  # the wgmmas are done: their results were read
-        out_smem[...] = du.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, du_ref.at[b, pl.ds(s0, rows), h])
+        plgpu.barrier_wait(const_barrier)
+
+        @pl.loop(0, count)
+        def _block(step):
+            block = first + wg + step * wgs
+            plgpu.barrier_wait(row_barrier)
+            # m_{1+i}[t+1+i] dy[t+1+i] (m2[t+2] = m1[t+1] m1[t+2]), 16-bit, as wgmma A operands
+            ahead_ops = []
+            for i in range(2):
+                lag = 1 + i
+                mask = _per_row(row_vec(segpos.at[i]), shape) >= lag
+                rows_ahead = plgpu.load(ahead.at[i], layout=_WGMMA).astype(jnp.float32)
+                ahead_ops.append(jnp.where(mask, rows_ahead, 0.0).astype(dtype))
+            if not register_a:  # interpret mode: A through shared memory
+                for i in range(2):
+                    op_smem.at[wg, i][...] = ahead_ops[i]
+                plgpu.commit_smem()
+                ahead_ops = [op_smem.at[wg, i] for i in range(2)]
+            dc0 = _matmul2(own, w1t[1], ahead_ops[0], w1t[0], shape)
+            dc0_next = _matmul2(ahead_ops[0], w1t[1], ahead_ops[1], w1t[0], shape)  # m1[t+1] dc0[t+1]
+            du = _column(vec_smem, 1, shape) * dc0 + _column(vec_smem, 0, shape) * dc0_next
+            if cfg.use_qk_mean:
+                # mq_h = (u_h + u_k) / 2, mk = u_k / 2 + mean of the G q heads / 2: a q head gets
+                # dy_k / (2G) (its partner tiles are G copies of dy_k), a k head its q heads' dy / 2.
+                own_rows = plgpu.load(own, layout=_WGMMA).astype(jnp.float32)
+                share = jnp.where(is_q, 0.5 / group ** 2, 0.5)
+                du = du + 0.5 * own_rows + share * partners(block).sum()
+            # Every thread has read this block's rows and partners, and the wgmmas are done (a
+            # warpgroup barrier): the next block's rows may come.
+            plgpu.commit_smem()
+            pl.when(step + 1 < count)(lambda: copy_rows(block + wgs))
+            stage[...] = du.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(stage, du_ref.at[b, pl.ds(block * rows, rows), h])
+            # The next block's partners go into the staging slot once the store has read it.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            pl.when(step + 1 < count)(lambda: start_partners(block + wgs))
+
         plgpu.wait_smem_to_gmem(0)
 
-    # SMEM at d=128: 2 look-ahead buffers 32 KB, 3 operand tiles 48, partner slots <= 32,
-    # 2 conv1 taps 64, vectors 4: <= 180 KB.
+    # SMEM at d=128, 2 warpgroups with a partner slot each: per warpgroup 2 look-ahead buffers
+    # 32 KB, own rows 16, partner slot 16; taps 64, vectors 4: 197 KB.
     tiled = tile_transforms()
-    slots = min(group, PARTNER_SLOTS)
     scratch = dict(
-        ahead_smem=plgpu.SMEM((2, rows, d), dtype),
-        op_smem=plgpu.SMEM((3, rows, d), dtype, transforms=tiled),
-        part_smem=plgpu.SMEM((slots, rows, d), dtype, transforms=tiled),
+        ahead_smem=plgpu.SMEM((wgs, 2, rows, d), dtype),
+        own_smem=plgpu.SMEM((wgs, rows, d), dtype, transforms=tiled),
+        part_smem=plgpu.SMEM((wgs, slots, rows, d), dtype, transforms=tiled),
         w1_smem=plgpu.SMEM((2, d, d), dtype, transforms=tiled),
         vec_smem=plgpu.SMEM((_VEC_ROWS, d), jnp.float32),
-        segpos_smem=plgpu.SMEM((2, rows), jnp.int32),
-        dy_barrier=plgpu.Barrier(num_arrivals=3),
-        part_barriers=plgpu.Barrier(num_barriers=slots),
-        const_barrier=plgpu.Barrier(num_arrivals=5),  # 2 conv1 taps, vectors, 2 id rows
+        segpos_smem=plgpu.SMEM((wgs, 2, rows), jnp.int32),
+        row_barriers=plgpu.Barrier(num_arrivals=5, num_barriers=wgs),  # 2 id rows, 3 row tiles
+        part_barriers=plgpu.Barrier(num_barriers=wgs * slots),
+        const_barrier=plgpu.Barrier(num_arrivals=3),  # 2 conv1 taps, vectors
     )
+    if not register_a:
+        scratch["op_smem"] = plgpu.SMEM((wgs, 2, rows, d), dtype, transforms=tiled)
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((batch, seq_pad, heads, d), dtype),
         scratch_types=scratch,
-        grid=(heads, blocks, batch),
+        grid=(heads, pl.cdiv(num_blocks, per_cta), batch),
         grid_names=("heads", "rows", "batch"),
+        num_threads=wgs if wgs > 1 else None,
+        thread_name="wg" if wgs > 1 else None,
         compiler_params=_COMPILER_PARAMS,
     )(dy, segpos_next, vecs, w1)
 
