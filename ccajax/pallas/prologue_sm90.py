@@ -395,10 +395,10 @@ def _inv_norm(y):
 # d=128) and vectors are loaded once per CTA instead of once per block. Compute warpgroups per
 # CTA: 2 when each can have its own partner slot (G = 1; one CTA fits per SM, held by the taps),
 # each walking every other block of the CTA with its own row buffers; one warpgroup alone left
-# the SM idle while it waited on its copies and its wgmma. With G > 1 one warpgroup with two
-# partner slots measured faster (the G partner tiles of a block would pass through one slot in
-# turn). The forward on the H200, S=16k, ms (`prologue_kernels.py fwd`, 2026-12-01): 4:4 0.083
-# (1 warpgroup, 4 blocks) -> 0.062 (2, 8); 8:8 0.144 -> 0.108; 8:2 0.149 (1, 4) vs 0.163 (2, 8).
+# the SM idle while it waited on its copies and its wgmma. With G > 1 each of two warpgroups
+# would have one slot, through which a block's G partner tiles pass in turn: 8:2 measured 0.163 ms
+# (2 warpgroups, 8 blocks) vs 0.149 (1, 4). The forward on the H200, S=16k, ms
+# (`prologue_kernels.py fwd`, 2026-12-01): 4:4 0.083 (1, 4) -> 0.062 (2, 8); 8:8 0.144 -> 0.108.
 BLOCKS_PER_WG = 4
 
 
