@@ -432,7 +432,7 @@ def _wg_blocks(per_cta, num_blocks, wg, wgs):
 def _fwd_scratch(d, dtype, wgs, slots, register_a):
     """The forward's scratch: per warpgroup 3 lag buffers (untiled, shifted copies) and ``slots``
     partner tiles, the first also staging the output; shared conv1 taps and vectors. d=128, 2
-    warpgroups, 1 slot: 2 x 64 + 64 + 4 = 196 KB. Without ``register_a`` (interpret mode: its
+    warpgroups, 1 slot: 2 x 64 + 64 + 4 + 1 = 197 KB. Without ``register_a`` (interpret mode: its
     wgmma reads A from SMEM) two operand tiles per warpgroup as well."""
     tiled = tile_transforms()
     scratch = dict(
