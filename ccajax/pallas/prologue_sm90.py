@@ -255,15 +255,14 @@ def _start_conv(in_refs, sc, cfg: CCAConfig):
     """Issues the copies of the conv recompute of this CTA's row block; returns the q-k mean
     partners (None without)."""
     h, block, b, _, _ = _tile_position(cfg.num_q_heads)
-    _copy_constants(in_refs, sc, h)
+    _copy_constants(*in_refs[3:], sc, h)
     partners = _partners(in_refs, sc, h, b, block, cfg)
     _copy_rows(in_refs, sc, h, b, block)
     return None if partners is None else partners.start()
 
 
-def _copy_constants(in_refs, sc, h):
+def _copy_constants(vec_ref, w1_ref, sc, h):
     """The head's conv1 taps and per-channel vectors, on ``const_barrier``."""
-    _, _, _, vec_ref, w1_ref = in_refs
     for tap in range(2):
         plgpu.copy_gmem_to_smem(w1_ref.at[tap, h], sc["w1_smem"].at[tap], sc["const_barrier"])
     plgpu.copy_gmem_to_smem(vec_ref.at[h], sc["vec_smem"], sc["const_barrier"])
@@ -333,14 +332,19 @@ def _conv0(sc, partners, cfg: CCAConfig):
     return c0_prev, c0_cur, mean
 
 
-def _conv1(sc, c0_prev, c0_cur, mean):
-    """y = c0[t-1] W1[0] + c0[t] W1[1] + b1 + mean, through op_smem (left holding c0)."""
-    op_smem, w1_smem = sc["op_smem"], sc["w1_smem"]
-    shape = op_smem.shape[1:]
-    op_smem.at[0][...] = c0_prev.astype(op_smem.dtype)
-    op_smem.at[1][...] = c0_cur.astype(op_smem.dtype)
-    plgpu.commit_smem()
-    y = _matmul2(op_smem.at[0], w1_smem.at[0], op_smem.at[1], w1_smem.at[1], shape)
+def _conv1(sc, c0_prev, c0_cur, mean, register_a=False):
+    """y = c0[t-1] W1[0] + c0[t] W1[1] + b1 + mean, the 16-bit c0 as wgmma A operands: from
+    registers with ``register_a`` (GPU only), else through op_smem (left holding c0)."""
+    w1_smem, shape = sc["w1_smem"], c0_prev.shape
+    if register_a:
+        a0, a1 = c0_prev.astype(w1_smem.dtype), c0_cur.astype(w1_smem.dtype)
+    else:
+        op_smem = sc["op_smem"]
+        op_smem.at[0][...] = c0_prev.astype(op_smem.dtype)
+        op_smem.at[1][...] = c0_cur.astype(op_smem.dtype)
+        plgpu.commit_smem()
+        a0, a1 = op_smem.at[0], op_smem.at[1]
+    y = _matmul2(a0, w1_smem.at[0], a1, w1_smem.at[1], shape)
     return y + _column(sc["vec_smem"], 3, shape) + mean
 
 
@@ -498,7 +502,7 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig, *,
             if cfg.use_qk_mean:
                 partners(block).start()
 
-        pl.when(wg == 0)(lambda: _copy_constants(in_refs, sc, h))
+        pl.when(wg == 0)(lambda: _copy_constants(*in_refs[3:], sc, h))
 
         @pl.when(count > 0)
         def _():
@@ -518,13 +522,8 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig, *,
             # next block's rows may overwrite them while this one is computed.
             plgpu.commit_smem()
             pl.when(i + 1 < count)(lambda: _copy_rows(in_refs, wsc, h, b, block + wgs))
-            if interpret:
-                y = _conv1(wsc, c0_prev, c0_cur, mean)
-            else:  # A from registers: no SMEM round trip before the wgmma
-                w1 = sc["w1_smem"]
-                y = (_matmul2(c0_prev.astype(dtype), w1.at[0], c0_cur.astype(dtype), w1.at[1],
-                              c0_prev.shape)
-                     + _column(sc["vec_smem"], 3, c0_prev.shape) + mean)
+            # A from registers on the GPU: no SMEM round trip before the wgmma
+            y = _conv1(wsc, c0_prev, c0_cur, mean, register_a=not interpret)
 
             # --- normalise, temperature, RoPE ----------------------------------------------
             shape = y.shape
@@ -672,9 +671,11 @@ def _du_kernel(dy, segpos_next, vecs, w1, cfg: CCAConfig, *, blocks_per_cta: int
     if not register_a:
         check_interpret_threads(wgs)
 
-    def kernel(dy_ref, segpos_ref, vec_ref, w1_ref, du_ref, *, ahead_smem, own_smem, part_smem,
-               w1_smem, vec_smem, segpos_smem, row_barriers, part_barriers, const_barrier,
-               op_smem=None):
+    def kernel(dy_ref, segpos_ref, vec_ref, w1_ref, du_ref, **sc):
+        ahead_smem, own_smem, part_smem, segpos_smem = (
+            sc[name] for name in ("ahead_smem", "own_smem", "part_smem", "segpos_smem"))
+        w1_smem, vec_smem, op_smem = sc["w1_smem"], sc["vec_smem"], sc.get("op_smem")
+        row_barriers, part_barriers = sc["row_barriers"], sc["part_barriers"]
         h, b = lax.axis_index("heads"), lax.axis_index("batch")
         wg = lax.axis_index("wg") if wgs > 1 else 0
         is_q = h < hq
@@ -705,11 +706,7 @@ def _du_kernel(dy, segpos_next, vecs, w1, cfg: CCAConfig, *, blocks_per_cta: int
             if cfg.use_qk_mean:
                 partners(block).start()
 
-        @pl.when(wg == 0)
-        def _():
-            for tap in range(2):
-                plgpu.copy_gmem_to_smem(w1_ref.at[tap, h], w1_smem.at[tap], const_barrier)
-            plgpu.copy_gmem_to_smem(vec_ref.at[h], vec_smem, const_barrier)
+        pl.when(wg == 0)(lambda: _copy_constants(vec_ref, w1_ref, sc, h))
 
         @pl.when(count > 0)
         def _():
@@ -718,7 +715,7 @@ def _du_kernel(dy, segpos_next, vecs, w1, cfg: CCAConfig, *, blocks_per_cta: int
 
         shape = (rows, d)
         w1t = [w1_smem.at[tap].transpose((1, 0)) for tap in range(2)]
-        plgpu.barrier_wait(const_barrier)
+        plgpu.barrier_wait(sc["const_barrier"])
 
         @pl.loop(0, count)
         def _block(step):
