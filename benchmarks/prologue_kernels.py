@@ -6,8 +6,8 @@ MODE: ``fwd`` (forward kernel: max-abs error vs the jnp prologue, both timed), `
 (one backward kernel, run and timed), ``bwd`` (the whole backward: errors of dp and the conv
 gradients vs the jnp prologue's VJP, relative to each reference's max-abs; both timed). Default
 layer: CCA C=2 8:8 at E=2048, d=128, half RoPE, bf16, B=1; ``blocks_per_cta=N`` and
-``compute_wgs=N`` set the forward or du kernel's row blocks per CTA and its warpgroups. Prints
-one ``RESULT {json}`` line.
+``compute_wgs=N`` set a kernel's row blocks per CTA and its warpgroups (fwd, du; the dy kernel
+has one warpgroup). Prints one ``RESULT {json}`` line.
 One piece per process because a kernel fault (an illegal instruction) ends the CUDA context;
 with ``MOSAIC_GPU_DUMP_PTXAS=1`` ptxas reports each kernel's registers and spills.
 Timing: `benchmarks.timing.time_call` (ten calls per sync, median).
@@ -45,7 +45,7 @@ def main(mode, seq=16384, blocks_per_cta=None, compute_wgs=None, **overrides):
     conv = params["conv"]
     ref = jax.jit(lambda p, conv, temp: fused_prologue(conv, temp, p[:, :, :heads], cfg, pos, pos))
     res = {"mode": mode, "S": seq, "cfg": kwargs, "device": jax.devices()[0].device_kind}
-    if mode in ("fwd", "du"):
+    if mode in ("fwd", "dy", "du"):
         res["blocks_per_cta"], res["compute_wgs"] = blocks_per_cta, compute_wgs
     cts = [jnp.asarray(rng.normal(size=(1, seq, h, 128)), jnp.bfloat16)
            for h in (cfg.num_q_heads, cfg.num_kv_heads)]
@@ -60,7 +60,8 @@ def main(mode, seq=16384, blocks_per_cta=None, compute_wgs=None, **overrides):
         res["jnp_ms"] = 1e3 * time_call(ref, p, conv, temp)
     elif mode == "dy":
         inputs = ps._kernel_inputs(p, conv, temp, pos, pos, cfg)
-        f = jax.jit(lambda inputs, gq, gk: ps._dy_kernel(inputs, gq, gk, cfg))
+        f = jax.jit(lambda inputs, gq, gk: ps._dy_kernel(inputs, gq, gk, cfg,
+                                                         blocks_per_cta=blocks_per_cta))
         res["kernel_ms"] = 1e3 * time_call(f, inputs, *cts)
     elif mode == "du":
         inputs = ps._kernel_inputs(p, conv, temp, pos, pos, cfg)

@@ -221,8 +221,6 @@ def dy_stub(inputs, d_q, d_k, cfg):
     b, s, _, d = inputs[0].shape
     h = cfg.num_q_heads + cfg.num_kv_heads
     return like_a_kernel((jnp.zeros((h, b, s, d), inputs[0].dtype),
-                          jnp.zeros((h, b, s, 2, d), inputs[0].dtype),
-                          jnp.zeros((h, b, s // 64, 2, d), jnp.float32),
                           jnp.zeros((h, b, s), jnp.float32)))
 def du_stub(dy, segpos_next, vecs, w1, cfg):
     h, b, s, d = dy.shape

@@ -15,13 +15,12 @@ Shapes
 
 Kernel layout
 -------------
-* Grid ``(Hq + Hkv, S / 64, B)``, one warpgroup per CTA, one output head and 64 rows each
-  (the dy kernel). The forward's and the du kernel's CTAs each compute ``blocks_per_cta``
-  consecutive 64-row blocks of one head (grid ``(Hq + Hkv, S / (64 blocks_per_cta), B)``), with one or two compute
-  warpgroups taking every other block, each with its own row buffers: the conv1 taps and
-  vectors are copied once per CTA, a warpgroup's next block's rows (lags, positions, ids) as
-  soon as it has read the current block's, so they arrive while it is computed, and its next
-  partner tiles once the output store has read the slot that stages it.
+* Grid ``(Hq + Hkv, S / (64 blocks_per_cta), B)``: each CTA computes ``blocks_per_cta``
+  consecutive 64-row blocks of one head, with one or two compute warpgroups (the dy kernel:
+  one) taking every other block, each with its own row buffers: the conv1 taps and vectors
+  are copied once per CTA, a warpgroup's next block's rows (lags, positions, ids) as soon as
+  it has read the current block's, so they arrive while it is computed, and its next partner
+  tiles once the output store has read the slot that stages it (`_walk_conv`).
 * TMA copies into shared memory: the head's rows t - lag for lag 0, 1, 2 into three untiled
   buffers (block 0 copies rows [0, 64 - lag) to buffer rows [lag, 64); the rows before stay
   unwritten and are masked below), the q-k mean partners through one or two slots (a q head
@@ -33,9 +32,8 @@ Kernel layout
   and 6 passed interpret mode but gave wrong rows on the H100 (2026-11-23).
 * Registers (WGMMA layout, float32): the lags, masked by ``segment_positions >= lag`` (zero
   before the segment start); conv0 at t and t-1 (c0[t-1] = b0 at a segment start, the spec's
-  bias semantics), rounded to bf16, then conv1 = two wgmmas (the forward takes A from
-  registers on the GPU; the backward and interpret mode go through two swizzled operand
-  tiles). y = c1 + b1 + mean.
+  bias semantics), rounded to bf16, then conv1 = two wgmmas (A from registers on the GPU;
+  interpret mode goes through two swizzled operand tiles). y = c1 + b1 + mean.
 * RoPE (`_rope`) works on column slices of y: in the WGMMA layout a thread holds every 8-column
   block of its rows, so the rotated halves y[:, :r/2] and y[:, r/2:r] sit in the same thread and
   slicing them is register renaming (hence rotary dims a multiple of 16). cos/sin are computed
@@ -46,12 +44,13 @@ Kernel layout
 
 Backward
 --------
-* dy kernel, same grid and recompute (one partner slot, to fit SMEM): with g = dL/dout, RoPE
-  transposed (`_rope` with sin negated: the rotation by -angle), then the norm's backward gives
-  dy = dL/dy. It writes dy (16-bit), the conv1 operands c0[t-1], c0[t] (for dW1 = c0^T dy, one
-  batched XLA matmul), per-row sums y_hat . g (the out scale's gradient, for the temperature)
-  and per-tile column sums for d w0 (dc0 = dy W1^T by two wgmmas with transposed W1 views). XLA
-  takes d b1 as the sum of dy, d b0 as that sum times (W1[0] + W1[1])^T, and sums the rest.
+* dy kernel, the forward's walk and recompute with one warpgroup, the cotangent g = dL/dout
+  of the next block copied while the current one is computed: RoPE transposed (`_rope` with
+  sin negated: the rotation by -angle), then the norm's backward gives dy = dL/dy. It writes dy
+  (16-bit) and per-row sums y_hat . g (the out scale's gradient, for the temperature).
+* XLA: the conv weights' gradients from the lag products u[t - l]^T dy (`_lag_products`, one
+  batched matmul; `prologue_bwd` has the algebra), d b1 as the sum of dy, d b0 as that sum
+  times (W1[0] + W1[1])^T.
 * du kernel, CTAs and warpgroups as the forward's: the conv's mirror image, looking ahead.
   dL/dc0[t] = dy[t] W1[1]^T + m1[t+1] dy[t+1] W1[0]^T and du[t] = w0[1] dL/dc0[t] + w0[0]
   m1[t+1] dL/dc0[t+1] (m1[t]: t is not a segment start) need dy at rows t+1, t+2: copied
@@ -75,17 +74,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ccajax.config import CCAConfig, rotary_dims
 from ccajax.pallas.sm90_common import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, over_batch, pad_axis,
                                        round_up, vary_like)
-from ccajax.pallas.sm90_pipeline import (check_interpret_threads, col_vec, in_interpret_mode, matmul,
+from ccajax.pallas.sm90_pipeline import (check_interpret_threads, col_vec, in_interpret_mode,
                                         row_vec, tile_transforms)
 
 BLOCK_ROWS = 64  # one warpgroup's wgmma tile
 LAGS = 3  # conv0 at t and t-1 reads rows t, t-1, t-2
 PARTNER_SLOTS = 2  # q-k mean partner tiles in flight in the forward (G of them pass through)
 _VEC_ROWS = 8  # per-head vectors: w0 older tap, w0 current tap, b0, b1, out scale, inv_freq
-# Per-CTA column sums of the dy kernel, one row each: d w0 current tap, d w0 older tap. (Sums
-# over a tile's rows are the kernel's dearest step: the other parameters' sums come from dy and
-# per-row sums in XLA.)
-_SUM_ROWS = 2
 _WGMMA = plgpu.Layout.WGMMA
 # Fast sin/cos/sqrt (see `_rope_angle`); the outputs are 16-bit.
 _COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True)
@@ -148,12 +143,6 @@ def _kernel_inputs(p, conv, temp, positions, segment_positions, cfg: CCAConfig):
 
 
 # --- in-kernel pieces shared by the forward and the backward kernels ----------------------------
-
-def _tile_position(num_q_heads):
-    """(head, row block, batch, first row, whether the head is a q head) of this CTA."""
-    h, block = lax.axis_index("heads"), lax.axis_index("rows")
-    return h, block, lax.axis_index("batch"), block * BLOCK_ROWS, h < num_q_heads
-
 
 def _column(vec_smem, i, shape):
     """Row i of a (rows, d) float32 SMEM table, broadcast down the tile's rows."""
@@ -233,34 +222,6 @@ class _Partners:
         return total
 
 
-def _conv_scratch(d, dtype, partner_slots):
-    """Scratch of the conv recompute (`_start_conv` / `_conv_y`), d=128: 3 lag buffers 48 KB,
-    2 operand tiles 32, partner slots 16 each, 2 conv1 taps 64, vectors 4."""
-    tiled = tile_transforms()
-    return dict(
-        lag_smem=plgpu.SMEM((LAGS, BLOCK_ROWS, d), dtype),
-        op_smem=plgpu.SMEM((2, BLOCK_ROWS, d), dtype, transforms=tiled),
-        part_smem=plgpu.SMEM((partner_slots, BLOCK_ROWS, d), dtype, transforms=tiled),
-        w1_smem=plgpu.SMEM((2, d, d), dtype, transforms=tiled),
-        vec_smem=plgpu.SMEM((_VEC_ROWS, d), jnp.float32),
-        pos_smem=plgpu.SMEM((BLOCK_ROWS,), jnp.int32),
-        segpos_smem=plgpu.SMEM((BLOCK_ROWS,), jnp.int32),
-        lag_barrier=plgpu.Barrier(num_arrivals=LAGS + 2),  # the lags, positions, ids
-        part_barriers=plgpu.Barrier(num_barriers=partner_slots),
-        const_barrier=plgpu.Barrier(num_arrivals=3),  # 2 conv1 taps, vectors
-    )
-
-
-def _start_conv(in_refs, sc, cfg: CCAConfig):
-    """Issues the copies of the conv recompute of this CTA's row block; returns the q-k mean
-    partners (None without)."""
-    h, block, b, _, _ = _tile_position(cfg.num_q_heads)
-    _copy_constants(*in_refs[3:], sc, h)
-    partners = _partners(in_refs, sc, h, b, block, cfg)
-    _copy_rows(in_refs, sc, h, b, block)
-    return None if partners is None else partners.start()
-
-
 def _copy_constants(vec_ref, w1_ref, sc, h):
     """The head's conv1 taps and per-channel vectors, on ``const_barrier``."""
     for tap in range(2):
@@ -305,16 +266,6 @@ def _lags(sc, shape):
         u = plgpu.load(sc["lag_smem"].at[lag], layout=_WGMMA).astype(jnp.float32)
         lags.append(u if lag == 0 else jnp.where(segpos >= lag, u, 0.0))
     return lags
-
-
-def _conv_y(sc, partners, cfg: CCAConfig):
-    """y = conv1(conv0(u)) + b1 + q-k mean, (64, d) float32 in WGMMA layout. conv0 at t-1 and t
-    (c0[t-1] = b0 at a segment start, the spec's bias semantics) stay in op_smem[0], op_smem[1]
-    as the 16-bit conv1 operands."""
-    plgpu.barrier_wait(sc["const_barrier"])
-    plgpu.barrier_wait(sc["lag_barrier"])
-    c0_prev, c0_cur, mean = _conv0(sc, partners, cfg)
-    return _conv1(sc, c0_prev, c0_cur, mean)
 
 
 def _conv0(sc, partners, cfg: CCAConfig):
@@ -393,15 +344,15 @@ def _inv_norm(y):
     return 1.0 / jnp.maximum(jnp.sqrt((y * y).sum(axis=1)), jnp.finfo(jnp.float32).eps)
 
 
-# --- forward ---------------------------------------------------------------------------------
+# --- the row walk: the forward's and the backward's kernels ----------------------------------
 
-# Row blocks each warpgroup of the forward and du kernels walks: the head's conv1 taps (64 KB at
-# d=128) and vectors are loaded once per CTA instead of once per block. Compute warpgroups per
-# CTA: 2 when each can have its own partner slot (G = 1; one CTA fits per SM, held by the taps),
-# each walking every other block of the CTA with its own row buffers; one warpgroup alone left
-# the SM idle while it waited on its copies and its wgmma. With G > 1 each of two warpgroups
-# would have one slot, through which a block's G partner tiles pass in turn: 8:2 measured 0.163 ms
-# (2 warpgroups, 8 blocks) vs 0.149 (1, 4). The forward on the H200, S=16k, ms
+# Row blocks each warpgroup of the kernels walks: the head's conv1 taps (64 KB at d=128) and
+# vectors are loaded once per CTA instead of once per block. Compute warpgroups per CTA: 2 when
+# each can have its own partner slot (G = 1; one CTA fits per SM, held by the taps), each
+# walking every other block of the CTA with its own row buffers; one warpgroup alone left the SM
+# idle while it waited on its copies and its wgmma. With G > 1 each of two warpgroups would have
+# one slot, through which a block's G partner tiles pass in turn: 8:2 measured 0.163 ms (2
+# warpgroups, 8 blocks) vs 0.149 (1, 4). The forward on the H200, S=16k, ms
 # (`prologue_kernels.py fwd`, 2026-12-01): 4:4 0.083 (1, 4) -> 0.062 (2, 8); 8:8 0.144 -> 0.108.
 BLOCKS_PER_WG = 4
 
@@ -412,8 +363,9 @@ def default_compute_wgs(cfg: CCAConfig) -> int:
 
 
 def _row_walk(cfg: CCAConfig, num_blocks, blocks_per_cta, compute_wgs):
-    """(warpgroups, blocks per CTA, partner slots per warpgroup) of a kernel walking row blocks,
-    from `prologue_fwd`'s arguments (None: the defaults); ValueError on bad ones."""
+    """(warpgroups, blocks per CTA, partner slots per warpgroup, row blocks) of a kernel walking
+    ``num_blocks`` row blocks, from `prologue_fwd`'s arguments (None: the defaults); ValueError
+    on bad ones."""
     compute_wgs = default_compute_wgs(cfg) if compute_wgs is None else compute_wgs
     if compute_wgs not in (1, 2):
         raise ValueError(f"compute_wgs must be 1 or 2; got compute_wgs={compute_wgs!r}")
@@ -423,7 +375,7 @@ def _row_walk(cfg: CCAConfig, num_blocks, blocks_per_cta, compute_wgs):
                          f"blocks_per_cta={blocks_per_cta!r}")
     # One partner slot per warpgroup with two (SMEM); the first slot also stages the output.
     slots = 1 if compute_wgs == 2 else min(cfg.group_size, PARTNER_SLOTS)
-    return compute_wgs, min(blocks_per_cta, num_blocks), slots
+    return compute_wgs, min(blocks_per_cta, num_blocks), slots, num_blocks
 
 
 def _wg_blocks(per_cta, num_blocks, wg, wgs):
@@ -433,11 +385,28 @@ def _wg_blocks(per_cta, num_blocks, wg, wgs):
     return first, lax.div(jnp.minimum(per_cta, num_blocks - first) - wg + (wgs - 1), wgs)
 
 
-def _fwd_scratch(d, dtype, wgs, slots, register_a):
-    """The forward's scratch: per warpgroup 3 lag buffers (untiled, shifted copies) and ``slots``
-    partner tiles, the first also staging the output; shared conv1 taps and vectors. d=128, 2
+def _walk_kernel(kernel, out_type, scratch, heads, batch, walk):
+    """`plgpu.kernel` over (heads, CTAs of ``walk``'s row blocks, batch), ``walk`` from
+    `_row_walk`, with its warpgroups as the Pallas thread axis "wg"."""
+    wgs, per_cta, _, num_blocks = walk
+    return plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(heads, pl.cdiv(num_blocks, per_cta), batch),
+        grid_names=("heads", "rows", "batch"),
+        num_threads=wgs if wgs > 1 else None,
+        thread_name="wg" if wgs > 1 else None,
+        compiler_params=_COMPILER_PARAMS,
+    )
+
+
+def _conv_walk_scratch(d, dtype, walk, register_a):
+    """Scratch of `_walk_conv`: per warpgroup 3 lag buffers (untiled, shifted copies) and the
+    partner slots, the first also staging the output; shared conv1 taps and vectors. d=128, 2
     warpgroups, 1 slot: 2 x 64 + 64 + 4 + 1 = 197 KB. Without ``register_a`` (interpret mode: its
     wgmma reads A from SMEM) two operand tiles per warpgroup as well."""
+    wgs, _, slots, _ = walk
     tiled = tile_transforms()
     scratch = dict(
         lag_smem=plgpu.SMEM((wgs, LAGS, BLOCK_ROWS, d), dtype),
@@ -455,15 +424,87 @@ def _fwd_scratch(d, dtype, wgs, slots, register_a):
     return scratch
 
 
+# Scratch entries with one element per warpgroup (`_wg_view`).
+_PER_WG = ("lag_smem", "part_smem", "pos_smem", "segpos_smem", "lag_barrier", "op_smem")
+
+
 def _wg_view(sc, wg, slots):
-    """Warpgroup ``wg``'s share of `_fwd_scratch`, under the names the conv helpers read."""
+    """Warpgroup ``wg``'s share of the scratch, under the names the conv helpers read."""
     view = dict(sc)
-    for name in ("lag_smem", "part_smem", "pos_smem", "segpos_smem", "lag_barrier", "op_smem"):
+    for name in _PER_WG:
         if name in sc:
             view[name] = sc[name].at[wg]
     view["first_part_barrier"] = wg * slots
     return view
 
+
+def _walk_conv(in_refs, sc, cfg: CCAConfig, walk, finish, start=None):
+    """The forward's and the dy kernel's loop over this warpgroup's row blocks of the CTA.
+
+    Per block: y = the conv recompute (float32, (64, d), WGMMA layout); the next block's rows are
+    copied as soon as this block's are read, and its partners once the output stores have read
+    the staging slot (``wsc["part_smem"].at[0]``). ``finish(wsc, block, y, pos_rows, next_block,
+    has_next)`` (pos_rows: the rows' RoPE positions) fills the staging slot and issues the
+    block's stores; ``start(block)`` runs with the first block's copies.
+    """
+    wgs, per_cta, slots, num_blocks = walk
+    h, b = lax.axis_index("heads"), lax.axis_index("batch")
+    wg = lax.axis_index("wg") if wgs > 1 else 0
+    wsc = _wg_view(sc, wg, slots)
+    first, count = _wg_blocks(per_cta, num_blocks, wg, wgs)
+
+    def partners(block):
+        return _partners(in_refs, wsc, h, b, block, cfg)
+
+    def start_partners(block):  # for pl.when, whose body may not return the partners
+        if cfg.use_qk_mean:
+            partners(block).start()
+
+    pl.when(wg == 0)(lambda: _copy_constants(*in_refs[3:], sc, h))
+
+    @pl.when(count > 0)
+    def _():
+        _copy_rows(in_refs, wsc, h, b, first + wg)
+        start_partners(first + wg)
+        if start is not None:
+            start(first + wg)
+
+    plgpu.barrier_wait(sc["const_barrier"])
+
+    @pl.loop(0, count)
+    def _block(i):
+        block, has_next = first + wg + i * wgs, i + 1 < count
+        plgpu.barrier_wait(wsc["lag_barrier"])
+        pos_rows = row_vec(wsc["pos_smem"])
+        c0_prev, c0_cur, mean = _conv0(wsc, partners(block), cfg)
+        # Every thread has read this block's rows and partners (a warpgroup barrier): the
+        # next block's rows may overwrite them while this one is computed.
+        plgpu.commit_smem()
+        pl.when(has_next)(lambda: _copy_rows(in_refs, wsc, h, b, block + wgs))
+        # A from registers on the GPU: no SMEM round trip before the wgmma
+        y = _conv1(wsc, c0_prev, c0_cur, mean, register_a="op_smem" not in sc)
+        finish(wsc, block, y, pos_rows, block + wgs, has_next)
+        # The next block's partners go into the staging slot once the stores have read it.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        pl.when(has_next)(lambda: start_partners(block + wgs))
+
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _walk_setup(p, cfg: CCAConfig, blocks_per_cta, compute_wgs):
+    """(walk, interpret mode?) of the forward and dy kernels, S padded to the block rows."""
+    why = unsupported_reason(cfg, p.dtype)
+    if why is not None:
+        raise ValueError(f"the mosaic prologue does not support {why}; use the jnp prologue")
+    walk = _row_walk(cfg, round_up(p.shape[1], BLOCK_ROWS) // BLOCK_ROWS, blocks_per_cta,
+                     compute_wgs)
+    interpret = in_interpret_mode()
+    if interpret:
+        check_interpret_threads(walk[0])
+    return walk, interpret
+
+
+# --- forward ---------------------------------------------------------------------------------
 
 def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig, *,
                  blocks_per_cta: int | None = None, compute_wgs: int | None = None):
@@ -471,175 +512,107 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig, *,
     ``compute_wgs``: warpgroups per CTA, 1 or 2 (None: `default_compute_wgs`);
     ``blocks_per_cta``: 64-row blocks of one head each CTA computes (1: one per CTA; None:
     ``BLOCKS_PER_WG`` per warpgroup), warpgroup w taking blocks w, w + 2, ... of them."""
-    why = unsupported_reason(cfg, p.dtype)
-    if why is not None:
-        raise ValueError(f"the mosaic prologue does not support {why}; use the jnp prologue")
+    walk, interpret = _walk_setup(p, cfg, blocks_per_cta, compute_wgs)
     batch, seq, _, d = p.shape
     hq, hkv = cfg.num_q_heads, cfg.num_kv_heads
     dtype = p.dtype
     inputs = _kernel_inputs(p, conv, temp, positions, segment_positions, cfg)
     seq_pad = inputs[0].shape[1]
     rotary = rotary_dims(d, cfg.rope_fraction)
-    num_blocks = seq_pad // BLOCK_ROWS
-    wgs, per_cta, slots = _row_walk(cfg, num_blocks, blocks_per_cta, compute_wgs)
-    interpret = in_interpret_mode()
-    if interpret:
-        check_interpret_threads(wgs)
 
     def kernel(*refs, **sc):
         *in_refs, q_ref, k_ref = refs
         h, b = lax.axis_index("heads"), lax.axis_index("batch")
-        wg = lax.axis_index("wg") if wgs > 1 else 0
-        wsc = _wg_view(sc, wg, slots)
         is_q = h < hq
-        first, count = _wg_blocks(per_cta, num_blocks, wg, wgs)
-        stage = wsc["part_smem"].at[0]
 
-        def partners(block):
-            return _partners(in_refs, wsc, h, b, block, cfg)
-
-        def start_partners(block):  # for pl.when, whose body may not return the partners
-            if cfg.use_qk_mean:
-                partners(block).start()
-
-        pl.when(wg == 0)(lambda: _copy_constants(*in_refs[3:], sc, h))
-
-        @pl.when(count > 0)
-        def _():
-            _copy_rows(in_refs, wsc, h, b, first + wg)
-            start_partners(first + wg)
-
-        plgpu.barrier_wait(sc["const_barrier"])
-
-        @pl.loop(0, count)
-        def _block(i):
-            block = first + wg + i * wgs
-            s0 = block * BLOCK_ROWS
-            plgpu.barrier_wait(wsc["lag_barrier"])
-            pos_rows = row_vec(wsc["pos_smem"])
-            c0_prev, c0_cur, mean = _conv0(wsc, partners(block), cfg)
-            # Every thread has read this block's rows and partners (a warpgroup barrier): the
-            # next block's rows may overwrite them while this one is computed.
-            plgpu.commit_smem()
-            pl.when(i + 1 < count)(lambda: _copy_rows(in_refs, wsc, h, b, block + wgs))
-            # A from registers on the GPU: no SMEM round trip before the wgmma
-            y = _conv1(wsc, c0_prev, c0_cur, mean, register_a=not interpret)
-
-            # --- normalise, temperature, RoPE ----------------------------------------------
-            shape = y.shape
+        def finish(wsc, block, y, pos_rows, *_):
+            shape, stage = y.shape, wsc["part_smem"].at[0]
             out = (_rope(y, wsc, rotary, pos_rows=pos_rows) * _per_row(_inv_norm(y), shape)
                    * _column(sc["vec_smem"], 4, shape))
-
-            # --- store, through the first partner slot (its partners were read above) -------
             stage[...] = out.astype(dtype)
             plgpu.commit_smem()
+            rows = pl.ds(block * BLOCK_ROWS, BLOCK_ROWS)
+            pl.when(is_q)(lambda: plgpu.copy_smem_to_gmem(stage, q_ref.at[b, rows, h]))
+            pl.when(jnp.logical_not(is_q))(
+                lambda: plgpu.copy_smem_to_gmem(stage, k_ref.at[b, rows, h - hq]))
 
-            @pl.when(is_q)
-            def _():
-                plgpu.copy_smem_to_gmem(stage, q_ref.at[b, pl.ds(s0, BLOCK_ROWS), h])
+        _walk_conv(in_refs, sc, cfg, walk, finish)
 
-            @pl.when(jnp.logical_not(is_q))
-            def _():
-                plgpu.copy_smem_to_gmem(stage, k_ref.at[b, pl.ds(s0, BLOCK_ROWS), h - hq])
-
-            # The next block's partners go into the staging slot once the store has read it.
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            pl.when(i + 1 < count)(lambda: start_partners(block + wgs))
-
-        plgpu.wait_smem_to_gmem(0)
-
-    q, k = plgpu.kernel(
+    q, k = _walk_kernel(
         kernel,
-        out_type=(jax.ShapeDtypeStruct((batch, seq_pad, hq, d), dtype),
-                  jax.ShapeDtypeStruct((batch, seq_pad, hkv, d), dtype)),
-        scratch_types=_fwd_scratch(d, dtype, wgs, slots, register_a=not interpret),
-        grid=(hq + hkv, pl.cdiv(num_blocks, per_cta), batch),
-        grid_names=("heads", "rows", "batch"),
-        num_threads=wgs if wgs > 1 else None,
-        thread_name="wg" if wgs > 1 else None,
-        compiler_params=_COMPILER_PARAMS,
+        (jax.ShapeDtypeStruct((batch, seq_pad, hq, d), dtype),
+         jax.ShapeDtypeStruct((batch, seq_pad, hkv, d), dtype)),
+        _conv_walk_scratch(d, dtype, walk, register_a=not interpret), hq + hkv, batch, walk,
     )(*inputs)
     return q[:, :seq], k[:, :seq]
 
 
 # --- backward --------------------------------------------------------------------------------
 
-def _dy_kernel(inputs, d_q, d_k, cfg: CCAConfig):
-    """dy = dL/dy (y: conv1 + b1 + mean, before the norm), recomputing y per tile.
+def _dy_kernel(inputs, d_q, d_k, cfg: CCAConfig, *, blocks_per_cta: int | None = None):
+    """dy = dL/dy (y: conv1 + b1 + mean, before the norm), recomputing y per row block as the
+    forward does, with one warpgroup per CTA walking ``blocks_per_cta`` row blocks (None:
+    ``BLOCKS_PER_WG``). Two warpgroups ran 2x slower: ptxas spilled 1.4 KB per thread of the
+    norm's backward (255 registers) against 0.6 KB with one (H200, 4:4, S=16k, 2026-12-01:
+    0.24 vs 0.107 ms), and one leaves SMEM for a cotangent tile of its own, copied a block ahead.
 
-    Returns dy (H, B, S_pad, d) and the conv1 operands c0 (H, B, S_pad, 2, d) [c0[t-1], c0[t]],
-    both 16-bit, head-major for the dW1 matmul; (H, B, S_pad/64, 2, d) float32 column sums per
-    tile: d w0[1], d w0[0]; and (H, B, S_pad) float32 row sums of g . y_hat (with g after the
-    transposed RoPE): summed, the out scale's gradient."""
-    p = inputs[0]
-    batch, seq_pad, _, d = p.shape
+    ``inputs``: `_kernel_inputs`; d_q (B, S_pad, Hq, d), d_k (B, S_pad, Hkv, d): the cotangents
+    of q', k', zero-padded like them. Returns dy (H, B, S_pad, d) in p's dtype, head-major for
+    the du kernel and the weight gradients' matmul, and (H, B, S_pad) float32 row sums of
+    g . y_hat (with g after the transposed RoPE): summed, the out scale's gradient."""
+    walk, interpret = _walk_setup(inputs[0], cfg, blocks_per_cta, 1)
+    batch, seq_pad, _, d = inputs[0].shape
     hq, heads = cfg.num_q_heads, cfg.num_q_heads + cfg.num_kv_heads
-    rows, dtype = BLOCK_ROWS, p.dtype
+    dtype = inputs[0].dtype
     rotary = rotary_dims(d, cfg.rope_fraction)
 
-    def kernel(*refs, g_smem, g_barrier, sums_smem, row_smem, **sc):
-        *in_refs, dq_ref, dk_ref, dy_ref, c0_ref, sums_ref, row_ref = refs
-        h, block, b, s0, is_q = _tile_position(hq)
-        partners = _start_conv(in_refs, sc, cfg)
+    def kernel(*refs, g_smem, g_barrier, row_smem, **sc):
+        *in_refs, dq_ref, dk_ref, dy_ref, row_ref = refs
+        h, b = lax.axis_index("heads"), lax.axis_index("batch")
+        is_q = h < hq
 
-        @pl.when(is_q)
-        def _():
-            plgpu.copy_gmem_to_smem(dq_ref.at[b, pl.ds(s0, rows), h], g_smem, g_barrier)
+        def copy_g(block):
+            """g = the block's cotangent of q' or k'."""
+            rows = pl.ds(block * BLOCK_ROWS, BLOCK_ROWS)
+            pl.when(is_q)(lambda: plgpu.copy_gmem_to_smem(dq_ref.at[b, rows, h], g_smem,
+                                                          g_barrier))
+            pl.when(jnp.logical_not(is_q))(
+                lambda: plgpu.copy_gmem_to_smem(dk_ref.at[b, rows, h - hq], g_smem, g_barrier))
 
-        @pl.when(jnp.logical_not(is_q))
-        def _():
-            plgpu.copy_gmem_to_smem(dk_ref.at[b, pl.ds(s0, rows), h - hq], g_smem, g_barrier)
+        def finish(wsc, block, y, pos_rows, next_block, has_next):
+            shape, stage = y.shape, wsc["part_smem"].at[0]
+            inv_norm = _per_row(_inv_norm(y), shape)
+            y_hat = y * inv_norm
+            plgpu.barrier_wait(g_barrier)
+            g = plgpu.load(g_smem, layout=_WGMMA).astype(jnp.float32)
+            plgpu.commit_smem()  # every thread has read g: the next block's may come
+            pl.when(has_next)(lambda: copy_g(next_block))
+            gy = _rope(g, wsc, rotary, inverse=True, pos_rows=pos_rows)
+            # out = scale * rope(y_hat): y_hat . gy is the row's share of d(scale) and, times
+            # the scale, the norm's backward term: d(y / |y|) = (g - y_hat (y_hat . g)) / |y|.
+            row_dot = (y_hat * gy).sum(axis=1)
+            dy = ((inv_norm * _column(sc["vec_smem"], 4, shape))
+                  * (gy - y_hat * _per_row(row_dot, shape)))
+            stage[...] = dy.astype(dtype)
+            row_smem[...] = row_dot
+            plgpu.commit_smem()
+            rows = pl.ds(block * BLOCK_ROWS, BLOCK_ROWS)
+            plgpu.copy_smem_to_gmem(stage, dy_ref.at[h, b, rows])
+            plgpu.copy_smem_to_gmem(row_smem, row_ref.at[h, b, rows])
 
-        y = _conv_y(sc, partners, cfg)
-        shape = y.shape
-        for tap in range(2):  # the conv1 operands, for dW1 = c0^T dy in XLA
-            plgpu.copy_smem_to_gmem(sc["op_smem"].at[tap], c0_ref.at[h, b, pl.ds(s0, rows), tap])
-        inv_norm = _per_row(_inv_norm(y), shape)
-        y_hat = y * inv_norm
+        _walk_conv(in_refs, sc, cfg, walk, finish, start=copy_g)
 
-        plgpu.barrier_wait(g_barrier)
-        gy = _rope(plgpu.load(g_smem, layout=_WGMMA).astype(jnp.float32), sc, rotary,
-                   inverse=True)
-        # out = scale * rope(y_hat): y_hat . gy is the row's share of d(scale) and, times the
-        # scale, the norm's backward term: d(y / |y|) = (g - y_hat (y_hat . g)) / |y|.
-        row_dot = (y_hat * gy).sum(axis=1)
-        row_smem[...] = row_dot
-        dy = (inv_norm * _column(sc["vec_smem"], 4, shape)) * (gy - y_hat * _per_row(row_dot, shape))
-        g_smem[...] = dy.astype(dtype)  # g's wgmma is done (its result was read)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(g_smem, dy_ref.at[h, b, pl.ds(s0, rows)])
-        plgpu.copy_smem_to_gmem(row_smem, row_ref.at[h, b, pl.ds(s0, rows)])
-
-        # dL/d c0[t-1] = dy W1[0]^T and dL/d c0[t] = dy W1[1]^T, row by row, give the conv0
-        # weights' sums (the same expressions as `_conv_y`'s c0 in the lags).
-        w1_smem = sc["w1_smem"]
-        dc0_prev = matmul(g_smem, w1_smem.at[0].transpose((1, 0)), shape)
-        dc0_cur = matmul(g_smem, w1_smem.at[1].transpose((1, 0)), shape)
-        lags = _lags(sc, shape)
-        sums_smem.at[0][...] = (dc0_prev * lags[1] + dc0_cur * lags[0]).sum(axis=0)
-        sums_smem.at[1][...] = (dc0_prev * lags[2] + dc0_cur * lags[1]).sum(axis=0)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(sums_smem, sums_ref.at[h, b, block])
-        plgpu.wait_smem_to_gmem(0)
-
-    # SMEM at d=128: the conv recompute with one partner slot 164.5 KB + g/dy tile 16 + sums 1
-    # + row sums 0.25 = 182 KB, plus Mosaic's 2 KB reduction scratch.
-    scratch = _conv_scratch(d, dtype, 1)
-    scratch.update(g_smem=plgpu.SMEM((rows, d), dtype, transforms=tile_transforms()),
+    # SMEM at d=128: the forward's with one warpgroup (3 lags 48 KB, 1-2 partner slots 16-32,
+    # taps 64, vectors 4) + the cotangent tile 16 + row sums 0.25: 148-164 KB.
+    scratch = _conv_walk_scratch(d, dtype, walk, register_a=not interpret)
+    scratch.update(g_smem=plgpu.SMEM((BLOCK_ROWS, d), dtype, transforms=tile_transforms()),
                    g_barrier=plgpu.Barrier(num_arrivals=1),
-                   sums_smem=plgpu.SMEM((_SUM_ROWS, d), jnp.float32),
-                   row_smem=plgpu.SMEM((rows,), jnp.float32))
-    blocks = seq_pad // rows
-    return plgpu.kernel(
+                   row_smem=plgpu.SMEM((BLOCK_ROWS,), jnp.float32))
+    return _walk_kernel(
         kernel,
-        out_type=(jax.ShapeDtypeStruct((heads, batch, seq_pad, d), dtype),
-                  jax.ShapeDtypeStruct((heads, batch, seq_pad, 2, d), dtype),
-                  jax.ShapeDtypeStruct((heads, batch, blocks, _SUM_ROWS, d), jnp.float32),
-                  jax.ShapeDtypeStruct((heads, batch, seq_pad), jnp.float32)),
-        scratch_types=scratch,
-        grid=(heads, blocks, batch),
-        grid_names=("heads", "rows", "batch"),
-        compiler_params=_COMPILER_PARAMS,
+        (jax.ShapeDtypeStruct((heads, batch, seq_pad, d), dtype),
+         jax.ShapeDtypeStruct((heads, batch, seq_pad), jnp.float32)),
+        scratch, heads, batch, walk,
     )(*inputs, d_q, d_k)
 
 
@@ -666,7 +639,8 @@ def _du_kernel(dy, segpos_next, vecs, w1, cfg: CCAConfig, *, blocks_per_cta: int
     heads, batch, seq_pad, d = dy.shape
     hq, group, rows, dtype = cfg.num_q_heads, cfg.group_size, BLOCK_ROWS, dy.dtype
     num_blocks = seq_pad // rows
-    wgs, per_cta, slots = _row_walk(cfg, num_blocks, blocks_per_cta, compute_wgs)
+    walk = _row_walk(cfg, num_blocks, blocks_per_cta, compute_wgs)
+    wgs, per_cta, slots, _ = walk
     register_a = not in_interpret_mode()
     if not register_a:
         check_interpret_threads(wgs)
@@ -771,25 +745,40 @@ def _du_kernel(dy, segpos_next, vecs, w1, cfg: CCAConfig, *, blocks_per_cta: int
     )
     if not register_a:
         scratch["op_smem"] = plgpu.SMEM((wgs, 2, rows, d), dtype, transforms=tiled)
-    return plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((batch, seq_pad, heads, d), dtype),
-        scratch_types=scratch,
-        grid=(heads, pl.cdiv(num_blocks, per_cta), batch),
-        grid_names=("heads", "rows", "batch"),
-        num_threads=wgs if wgs > 1 else None,
-        thread_name="wg" if wgs > 1 else None,
-        compiler_params=_COMPILER_PARAMS,
-    )(dy, segpos_next, vecs, w1)
+    return _walk_kernel(kernel, jax.ShapeDtypeStruct((batch, seq_pad, heads, d), dtype), scratch,
+                        heads, batch, walk)(dy, segpos_next, vecs, w1)
+
+
+def _lag_products(u, dy, segment_positions):
+    """(3, H, d, d) float32: M[l] = sum over (b, t) of u[b, t - l]^T dy[b, t] where t's segment
+    reaches back l rows (segment_positions >= l; the conv's masked lag l, `_lags`).
+    u (B, S, H, d), dy (H, B, S, d), segment_positions (B, S).
+
+    One matmul per head, M[l] = sum_t u[t]^T (m_l[t + l] dy[t + l]), against the three shifted
+    and masked dy side by side: 0.10 ms at 4:4, S=16k on the H200 (2026-12-01), against 0.14 ms
+    for three matmuls on shifted slices and 0.16-0.19 ms split over 16 or 64 chunks of S."""
+    heads, _, seq, d = dy.shape
+    shifted = []
+    for lag in range(LAGS):
+        reaches = (segment_positions[:, lag:] >= lag)[None, :, :, None]
+        shifted.append(pad_axis(jnp.where(reaches, dy[:, :, lag:], 0), 2, seq))
+    m = jnp.einsum("bshc,hbso->hco", u, jnp.concatenate(shifted, axis=-1),
+                   preferred_element_type=jnp.float32)
+    return jnp.moveaxis(m.reshape(heads, d, LAGS, d), 2, 0)
 
 
 def prologue_bwd(p, conv, temp, positions, segment_positions, d_q, d_k, cfg: CCAConfig):
     """Gradients of `prologue_fwd`'s q', k' (cotangents d_q (B, S, Hq, d), d_k (B, S, Hkv, d)).
 
-    Two kernels and XLA: the dy kernel recomputes y and writes dy, the conv1 operands, per-row
-    sums for the temperature and per-tile column sums for w0; the du kernel turns dy into du
-    with the conv's look-ahead halo; XLA adds the sums, takes d b1 = sum of dy and d b0 from it,
-    and forms dW1 = c0^T dy (one batched matmul).
+    Two kernels and XLA: the dy kernel recomputes y and writes dy = dL/dy and per-row sums for
+    the temperature; the du kernel turns dy into du with the conv's look-ahead halo. The conv
+    weights' gradients are linear in the lag products M[l] = u_l^T dy (`_lag_products`, u_l: the
+    masked lag l): with c0[t] = b0 + w0[1] u_0[t] + w0[0] u_1[t] and c0[t-1] as the conv
+    recompute has it (b0 + w0[1] u_1[t] + w0[0] u_2[t]; b0 alone at a segment start),
+      dW1[1] = c0[t]^T dy = b0 (x) d_b1 + w0[1] M[0] + w0[0] M[1], dW1[0] likewise from M[1],
+      M[2]; d w0[1] = rowsum(W1[0] * M[1] + W1[1] * M[0]), d w0[0] = rowsum(W1[0] * M[2] + W1[1]
+      * M[1]); d b1 = sum_t dy[t], d b0 = d b1 (W1[0] + W1[1])^T.
+    (The kernel's conv1 rounds c0 to 16 bits; these are the float32 reference's gradients.)
     Returns (dp like p (value heads zero), dconv like conv, dtemp like temp or None).
     """
     batch, seq, num_p_heads, d = p.shape
@@ -797,18 +786,20 @@ def prologue_bwd(p, conv, temp, positions, segment_positions, d_q, d_k, cfg: CCA
     inputs = _kernel_inputs(p, conv, temp, positions, segment_positions, cfg)
     seq_pad = inputs[0].shape[1]
     d_q, d_k = (pad_axis(c.astype(p.dtype), 1, seq_pad) for c in (d_q, d_k))
-    dy, c0, sums, row_dots = _dy_kernel(inputs, d_q, d_k, cfg)
+    dy, row_dots = _dy_kernel(inputs, d_q, d_k, cfg)
     du = _du_kernel(dy, next_segment_positions(inputs[2]), inputs[3], inputs[4], cfg)
 
     f32 = jnp.float32
-    sums = sums.sum(axis=(1, 2))  # (H, 2, d)
-    dw1 = jnp.einsum("hbsjc,hbso->jhco", c0, dy, preferred_element_type=f32)
-    # c1 = c0[t-1] W1[0] + c0[t] W1[1] + b1, and b0 is in both c0 rows at every t (at a segment
-    # start c0[t-1] is b0 itself): d b1 = sum_t dy[t], d b0 = d b1 (W1[0] + W1[1])^T.
+    m0, m1, m2 = _lag_products(p[:, :, :heads], dy[:, :, :seq], segment_positions)
+    w1 = conv["w1"].astype(f32)  # (tap, H, c, o): c0's channel c to y's channel o
+    w_old, w_cur = conv["w0"].astype(f32).reshape(2, heads, d, 1)
     d_b1 = dy.sum(axis=(1, 2), dtype=f32)  # (H, d); padded rows have dy = 0
-    d_b0 = jnp.einsum("ho,jhco->hc", d_b1, conv["w1"].astype(f32))
-    dconv = {"w0": jnp.stack([sums[:, 1], sums[:, 0]]).reshape(2, heads * d),
-             "b0": d_b0.reshape(-1), "w1": dw1, "b1": d_b1.reshape(-1)}
+    bias = conv["b0"].astype(f32).reshape(heads, d, 1) * d_b1[:, None, :]
+    dconv = {"w0": jnp.stack([(w1[0] * m2 + w1[1] * m1).sum(-1),
+                              (w1[0] * m1 + w1[1] * m0).sum(-1)]).reshape(2, heads * d),
+             "b0": jnp.einsum("ho,jhco->hc", d_b1, w1).reshape(-1),
+             "w1": jnp.stack([bias + w_cur * m1 + w_old * m2, bias + w_cur * m0 + w_old * m1]),
+             "b1": d_b1.reshape(-1)}
     dconv = {name: g.astype(conv[name].dtype) for name, g in dconv.items()}
     dtemp = None
     if temp is not None:
