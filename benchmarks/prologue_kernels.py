@@ -59,6 +59,8 @@ def main(mode, seq=16384, blocks_per_cta=None, compute_wgs=None, **overrides):
         res["kernel_ms"] = 1e3 * time_call(f, p, conv, temp)
         res["jnp_ms"] = 1e3 * time_call(ref, p, conv, temp)
     elif mode == "dy":
+        if compute_wgs is not None:
+            raise ValueError(f"the dy kernel has one warpgroup; got compute_wgs={compute_wgs}")
         inputs = ps._kernel_inputs(p, conv, temp, pos, pos, cfg)
         f = jax.jit(lambda inputs, gq, gk: ps._dy_kernel(inputs, gq, gk, cfg,
                                                          blocks_per_cta=blocks_per_cta))
