@@ -491,13 +491,13 @@ def _walk_conv(in_refs, sc, cfg: CCAConfig, walk, finish, start=None):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _walk_setup(p, cfg: CCAConfig, blocks_per_cta, compute_wgs):
-    """(walk, interpret mode?) of the forward and dy kernels, S padded to the block rows."""
-    why = unsupported_reason(cfg, p.dtype)
+def _walk_setup(cfg: CCAConfig, dtype, seq, blocks_per_cta, compute_wgs):
+    """(walk, interpret mode?) of a kernel walking the row blocks of ``seq`` rows (padded to the
+    block rows) in ``dtype``; ValueError for what the kernels do not support."""
+    why = unsupported_reason(cfg, dtype)
     if why is not None:
         raise ValueError(f"the mosaic prologue does not support {why}; use the jnp prologue")
-    walk = _row_walk(cfg, round_up(p.shape[1], BLOCK_ROWS) // BLOCK_ROWS, blocks_per_cta,
-                     compute_wgs)
+    walk = _row_walk(cfg, round_up(seq, BLOCK_ROWS) // BLOCK_ROWS, blocks_per_cta, compute_wgs)
     interpret = in_interpret_mode()
     if interpret:
         check_interpret_threads(walk[0])
@@ -512,7 +512,7 @@ def prologue_fwd(p, conv, temp, positions, segment_positions, cfg: CCAConfig, *,
     ``compute_wgs``: warpgroups per CTA, 1 or 2 (None: `default_compute_wgs`);
     ``blocks_per_cta``: 64-row blocks of one head each CTA computes (1: one per CTA; None:
     ``BLOCKS_PER_WG`` per warpgroup), warpgroup w taking blocks w, w + 2, ... of them."""
-    walk, interpret = _walk_setup(p, cfg, blocks_per_cta, compute_wgs)
+    walk, interpret = _walk_setup(cfg, p.dtype, p.shape[1], blocks_per_cta, compute_wgs)
     batch, seq, _, d = p.shape
     hq, hkv = cfg.num_q_heads, cfg.num_kv_heads
     dtype = p.dtype
@@ -560,7 +560,7 @@ def _dy_kernel(inputs, d_q, d_k, cfg: CCAConfig, *, blocks_per_cta: int | None =
     of q', k', zero-padded like them. Returns dy (H, B, S_pad, d) in p's dtype, head-major for
     the du kernel and the weight gradients' matmul, and (H, B, S_pad) float32 row sums of
     g . y_hat (with g after the transposed RoPE): summed, the out scale's gradient."""
-    walk, interpret = _walk_setup(inputs[0], cfg, blocks_per_cta, 1)
+    walk, interpret = _walk_setup(cfg, inputs[0].dtype, inputs[0].shape[1], blocks_per_cta, 1)
     batch, seq_pad, _, d = inputs[0].shape
     hq, heads = cfg.num_q_heads, cfg.num_q_heads + cfg.num_kv_heads
     dtype = inputs[0].dtype
@@ -639,11 +639,9 @@ def _du_kernel(dy, segpos_next, vecs, w1, cfg: CCAConfig, *, blocks_per_cta: int
     heads, batch, seq_pad, d = dy.shape
     hq, group, rows, dtype = cfg.num_q_heads, cfg.group_size, BLOCK_ROWS, dy.dtype
     num_blocks = seq_pad // rows
-    walk = _row_walk(cfg, num_blocks, blocks_per_cta, compute_wgs)
+    walk, interpret = _walk_setup(cfg, dtype, seq_pad, blocks_per_cta, compute_wgs)
     wgs, per_cta, slots, _ = walk
-    register_a = not in_interpret_mode()
-    if not register_a:
-        check_interpret_threads(wgs)
+    register_a = not interpret
 
     def kernel(dy_ref, segpos_ref, vec_ref, w1_ref, du_ref, **sc):
         ahead_smem, own_smem, part_smem, segpos_smem = (
