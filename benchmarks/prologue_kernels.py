@@ -3,7 +3,8 @@
     PYTHONPATH=. python3 benchmarks/prologue_kernels.py MODE [S=16384] [CCAConfig field=value ...]
 
 MODE: ``fwd`` (forward kernel: max-abs error vs the jnp prologue, both timed), ``dy`` / ``du``
-(one backward kernel, run and timed), ``bwd`` (the whole backward: errors of dp and the conv
+(one backward kernel, run and timed), ``lag`` (the lag products kernel: error vs its XLA
+reference, both timed; ``blocks_per_cta=N`` and ``stages=N`` set its chunk and ring), ``bwd`` (the whole backward: errors of dp and the conv
 gradients vs the jnp prologue's VJP, relative to each reference's max-abs; both timed). Default
 layer: CCA C=2 8:8 at E=2048, d=128, half RoPE, bf16, B=1; ``blocks_per_cta=N`` and
 ``compute_wgs=N`` set a kernel's row blocks per CTA and its warpgroups (fwd, du; the dy kernel
@@ -33,7 +34,7 @@ def _max_rel(a, b):
     return round(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)), 4)
 
 
-def main(mode, seq=16384, blocks_per_cta=None, compute_wgs=None, **overrides):
+def main(mode, seq=16384, blocks_per_cta=None, compute_wgs=None, stages=None, **overrides):
     kwargs = {**dict(num_q_heads=8, num_kv_heads=8, rope_fraction=0.5), **overrides}
     cfg = CCAConfig(d_model=2048, head_dim=128, **kwargs)
     params = cast_tree(init_cca_params(jax.random.key(0), cfg), jnp.bfloat16)
@@ -47,6 +48,8 @@ def main(mode, seq=16384, blocks_per_cta=None, compute_wgs=None, **overrides):
     res = {"mode": mode, "S": seq, "cfg": kwargs, "device": jax.devices()[0].device_kind}
     if mode in ("fwd", "dy", "du"):
         res["blocks_per_cta"], res["compute_wgs"] = blocks_per_cta, compute_wgs
+    if stages is not None and mode != "lag":
+        raise ValueError(f"stages sets the lag products kernel's ring; got it for mode {mode!r}")
     cts = [jnp.asarray(rng.normal(size=(1, seq, h, 128)), jnp.bfloat16)
            for h in (cfg.num_q_heads, cfg.num_kv_heads)]
     if mode == "fwd":
@@ -72,6 +75,19 @@ def main(mode, seq=16384, blocks_per_cta=None, compute_wgs=None, **overrides):
             dy, nxt, vecs, w1, cfg, blocks_per_cta=blocks_per_cta, compute_wgs=compute_wgs))
         res["kernel_ms"] = 1e3 * time_call(f, dy, ps.next_segment_positions(inputs[2]),
                                            inputs[3], inputs[4])
+    elif mode == "lag":
+        if compute_wgs is not None:
+            raise ValueError(f"the lag kernel has one warpgroup; got compute_wgs={compute_wgs}")
+        walk = {k: v for k, v in (("blocks_per_cta", blocks_per_cta), ("stages", stages))
+                if v is not None}
+        res.update(walk)
+        dy = jnp.asarray(rng.normal(size=(heads, 1, seq, 128)), jnp.bfloat16)
+        nxt = ps.next_segment_positions(pos)
+        f = jax.jit(lambda p, dy, nxt: ps._lag_kernel(p, dy, nxt, **walk))
+        xla = jax.jit(lambda p, dy: ps.lag_products_reference(p[:, :, :heads], dy, pos))
+        res["rel_err"] = _max_rel(f(p, dy, nxt), xla(p, dy))
+        res["kernel_ms"] = 1e3 * time_call(f, p, dy, nxt)
+        res["xla_ms"] = 1e3 * time_call(xla, p, dy)
     elif mode == "bwd":
         f = jax.jit(lambda p, conv, temp, gq, gk: ps.prologue_bwd(p, conv, temp, pos, pos, gq, gk,
                                                                   cfg))
@@ -86,7 +102,7 @@ def main(mode, seq=16384, blocks_per_cta=None, compute_wgs=None, **overrides):
         res["kernel_ms"] = 1e3 * time_call(f, p, conv, temp, *cts)
         res["jnp_vjp_ms"] = 1e3 * time_call(lambda *c: vjp(c), *cts)
     else:
-        raise ValueError(f"MODE must be fwd, dy, du or bwd, got {mode!r}")
+        raise ValueError(f"MODE must be fwd, dy, du, lag or bwd, got {mode!r}")
     print("RESULT", json.dumps(res), flush=True)
 
 

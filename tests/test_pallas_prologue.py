@@ -261,6 +261,37 @@ def test_bad_inputs_name_the_problem(rng):
         prologue_fwd(*args, cfg, compute_wgs=3)
 
 
+# (blocks_per_cta, ring stages, batch, race detector): the whole sequence per CTA (the default
+# in interpret mode) and batch 1 checks the kernel's barriers; chunks and batches add several
+# CTAs into one head's sums, which the detector would report (the interpreter reads, adds and
+# writes back in place of the GPU's reduce-add).
+LAG_CASES = [(None, 2, 1, True), (None, 1, 1, True), (1, 2, 2, False), (2, 3, 2, False)]
+
+
+@pytest.mark.parametrize("blocks_per_cta,stages,batch,races", LAG_CASES)
+def test_lag_kernel_matches_reference(rng, blocks_per_cta, stages, batch, races):
+    """The lag products kernel against `lag_products_reference` (float32 sums of 16-bit
+    products; only the order of the adds differs): S=130 with segments, one starting at row 64,
+    and the padded tail; Hp > H so that the value heads of p must be skipped. Losing a lag's
+    mask or shift changes the sums by the size of the dropped rows' products."""
+    heads, d, seq = 3, 64, 130
+    seq_pad = prologue_sm90.round_up(seq, 64)
+    p = jnp.asarray(rng.normal(size=(batch, seq, heads + 1, d)), jnp.bfloat16)
+    ids = np.cumsum(rng.random((batch, seq)) < 0.05, axis=1)
+    ids[:, 64:] += 1
+    segpos = contiguous_segments(jnp.asarray(ids, jnp.int32))
+    dy = jnp.asarray(rng.normal(size=(heads, batch, seq_pad, d)), jnp.bfloat16)
+    dy = dy.at[:, :, seq:].set(0)  # the dy kernel's padded rows
+    want = prologue_sm90.lag_products_reference(p[:, :, :heads], dy[:, :, :seq], segpos)
+    segpos_next = prologue_sm90.next_segment_positions(prologue_sm90.pad_axis(segpos, 1, seq_pad))
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=races)):
+        got = prologue_sm90._lag_kernel(prologue_sm90.pad_axis(p, 1, seq_pad), dy, segpos_next,
+                                        blocks_per_cta=blocks_per_cta, stages=stages)
+    assert not (races and gpu_interpret.get_races().races_found), "interpreter found a data race"
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                               atol=1e-5 * float(np.abs(want).max()))
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu",
                     reason="compiles the kernel for a real Hopper GPU; CPU runs use interpret mode above")
 @pytest.mark.parametrize("head_dim", [128, 64])

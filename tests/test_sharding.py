@@ -214,7 +214,7 @@ for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
     np.testing.assert_allclose(g, w, rtol=2e-2, atol=2e-2 * np.abs(w).max())
 
-# prologue_bwd's own XLA ops (dW1, the temperature's chain rule) on kernel-typed values: the two
+# prologue_bwd's own XLA ops (dW1, the temperature's chain rule) on kernel-typed values: the three
 # backward kernels stubbed by zeros of their output types; only the tracing is checked (the
 # temperature's chain rule once failed on 2 H200s on kernel outputs).
 def dy_stub(inputs, d_q, d_k, cfg):
@@ -225,7 +225,11 @@ def dy_stub(inputs, d_q, d_k, cfg):
 def du_stub(dy, segpos_next, vecs, w1, cfg):
     h, b, s, d = dy.shape
     return like_a_kernel(jnp.zeros((b, s, h, d), dy.dtype))
+def lag_stub(u, dy, segpos_next):
+    h, _, _, d = dy.shape
+    return like_a_kernel(jnp.zeros((3, h, d, d), jnp.float32))
 prologue_sm90._dy_kernel, prologue_sm90._du_kernel = dy_stub, du_stub
+prologue_sm90._lag_kernel = lag_stub
 prologue_sm90.prologue_bwd = real_prologue_bwd
 with jax.set_mesh(mesh):  # a new jit: the one above has its trace cached
     jax.jit(jax.grad(prologue_loss, (0, 1, 2)))(p, params["conv"], params["qk_norm"]["temp"])

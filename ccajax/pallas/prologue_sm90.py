@@ -4,7 +4,7 @@ Public entry: :func:`mosaic_prologue` (custom VJP): from the down-projection's o
 attention-ready q', k' in one pass: the two-stage causal convolution (with its 2-row halo and the
 spec's bias semantics), the q-k mean, L2 normalisation with the key temperature, and RoPE (full or
 partial). Its reference is `ccajax.cca_fused.fused_prologue` (itself equal to `ccajax.cca`'s
-functions). The backward (`prologue_bwd`) is two more kernels plus small XLA ops (see below).
+functions). The backward (`prologue_bwd`) is three more kernels plus small XLA ops (see below).
 
 Shapes
 ------
@@ -48,9 +48,10 @@ Backward
   of the next block copied while the current one is computed: RoPE transposed (`_rope` with
   sin negated: the rotation by -angle), then the norm's backward gives dy = dL/dy. It writes dy
   (16-bit) and per-row sums y_hat . g (the out scale's gradient, for the temperature).
-* XLA: the conv weights' gradients from the lag products u[t - l]^T dy (`_lag_products`, one
-  batched matmul; `prologue_bwd` has the algebra), d b1 as the sum of dy, d b0 as that sum
-  times (W1[0] + W1[1])^T.
+* lag products kernel (`_lag_kernel`): the sums M[l] = u[t - l]^T dy[t] over the masked lags
+  l = 0, 1, 2, one warpgroup per lag; XLA derives the conv weights' gradients from them
+  (`prologue_bwd` has the algebra), d b1 as the sum of dy, d b0 as that sum times
+  (W1[0] + W1[1])^T.
 * du kernel, CTAs and warpgroups as the forward's: the conv's mirror image, looking ahead.
   dL/dc0[t] = dy[t] W1[1]^T + m1[t+1] dy[t+1] W1[0]^T and du[t] = w0[1] dL/dc0[t] + w0[0]
   m1[t+1] dL/dc0[t+1] (m1[t]: t is not a segment start) need dy at rows t+1, t+2: copied
@@ -75,7 +76,8 @@ from ccajax.config import CCAConfig, rotary_dims
 from ccajax.pallas.sm90_common import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, over_batch, pad_axis,
                                        round_up, vary_like)
 from ccajax.pallas.sm90_pipeline import (check_interpret_threads, col_vec, in_interpret_mode,
-                                        row_vec, tile_transforms)
+                                        matmul, matmul_into, row_vec, tile_transforms,
+                                        zeros_acc)
 
 BLOCK_ROWS = 64  # one warpgroup's wgmma tile
 LAGS = 3  # conv0 at t and t-1 reads rows t, t-1, t-2
@@ -747,14 +749,181 @@ def _du_kernel(dy, segpos_next, vecs, w1, cfg: CCAConfig, *, blocks_per_cta: int
                         heads, batch, walk)(dy, segpos_next, vecs, w1)
 
 
-def _lag_products(u, dy, segment_positions):
+# The lag products kernel's ring of copies in flight (3 stages do not fit with its B tiles).
+LAG_STAGES = 2
+# SMs of an H100 / H200 SXM, for devices that do not say (`_lag_blocks_per_cta`).
+_DEFAULT_SMS = 132
+
+
+def _lag_blocks_per_cta(heads, batch, num_blocks):
+    """Row blocks per CTA of the lag products kernel by default: one wave of CTAs, one per SM
+    (its 3 x 128 threads at 168 registers fill an SM's register file). H200, S=16k, ms, 16 / 32
+    blocks: 4:4 (8 heads) 0.079 / 0.116, 8:8 (16 heads) 0.117 / 0.083 (2026-12-01). In interpret
+    mode the whole sequence: then only the batch's CTAs add into one head's sums (the race
+    detector reports the interpreter's stand-in for the reduce-add when two CTAs do)."""
+    if in_interpret_mode():
+        return num_blocks
+    sms = getattr(jax.devices()[0], "core_count", None) or _DEFAULT_SMS
+    return pl.cdiv(heads * batch * num_blocks, sms)
+
+
+def _lag_kernel(u, dy, segpos_next, *, blocks_per_cta: int | None = None,
+                stages: int = LAG_STAGES):
+    """`lag_products_reference` as a kernel: (3, H, d, d) float32 lag products
+    M[l] = sum_t u[t]^T (m_l[t + l] dy[t + l]) from u (B, S_pad, Hp, d) (heads < H read: p as
+    the forward reads it), dy (H, B, S_pad, d) and ``segpos_next`` (B, 2, S_pad)
+    (`next_segment_positions`: m_l[t + l] is segpos_next[l - 1, t] >= l; past the end 0).
+
+    Grid (head, batch x chunk of ``blocks_per_cta`` row blocks, None: `_lag_blocks_per_cta`);
+    three warpgroups, warpgroup l
+    summing lag l into a (d, d) float32 accumulator (128 registers at d=128). Per block, a
+    wgmma of the u tile transposed (A from shared memory) with a B tile of rows t + l: for lag 0
+    the dy tile itself, for lags 1 and 2 the rows copied shifted into an untiled buffer
+    (`_copy_rows_shifted`) and masked in registers into a swizzled tile. Warpgroup 0 also issues
+    the copies of a ``stages``-slot ring, refilling a slot once all three released it. Each
+    CTA adds its sums into the output by a TMA reduce-add (f32; the order of the adds varies).
+    H200, S=16k (2026-12-01): 0.079 ms at 4:4 and 0.083 at 8:8 against 0.10 and 0.18 for
+    XLA's matmul; one lag per CTA (each reading u and dy on its own) ran 0.073-0.09 at 4:4.
+    SMEM at d=128, 2 stages: 2 x (u 16 + dy 16 + 2 shifted dy 32 + ids 0.5) + 2 B tiles 32 =
+    161 KB, then 192 KB to stage the sums.
+    """
+    heads, batch, seq_pad, d = dy.shape
+    rows, dtype = BLOCK_ROWS, dy.dtype
+    num_blocks = seq_pad // rows
+    if blocks_per_cta is None:
+        blocks_per_cta = _lag_blocks_per_cta(heads, batch, num_blocks)
+    for name, value in (("blocks_per_cta", blocks_per_cta), ("stages", stages)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int; got {name}={value!r}")
+    per_cta = min(blocks_per_cta, num_blocks)
+    chunks = pl.cdiv(num_blocks, per_cta)
+    interpret = in_interpret_mode()
+    if interpret:
+        check_interpret_threads(LAGS)
+    shape = (d, d)
+
+    def walk(u_ref, dy_ref, segpos_ref, loaded, consumed, u_smem, b_smem, ahead_smem,
+             segpos_smem):
+        """This warpgroup's lag summed over the CTA's row blocks; b_smem's first ``stages``
+        tiles are lag 0's slots (copied), the last two the B tiles of lags 1 and 2."""
+        h, lag = lax.axis_index("heads"), lax.axis_index("lag")
+        cta = lax.axis_index("chunks")
+        b, first = lax.div(cta, jnp.int32(chunks)), lax.rem(cta, jnp.int32(chunks)) * per_cta
+        count = jnp.minimum(per_cta, num_blocks - first)
+
+        def issue(i, slot):
+            block = first + i
+            s0, barrier = block * rows, loaded.at[slot]
+            plgpu.copy_gmem_to_smem(u_ref.at[b, pl.ds(s0, rows), h], u_smem.at[slot], barrier)
+            plgpu.copy_gmem_to_smem(segpos_ref.at[b, :, pl.ds(s0, rows)], segpos_smem.at[slot],
+                                    barrier)
+            plgpu.copy_gmem_to_smem(dy_ref.at[h, b, pl.ds(s0, rows)], b_smem.at[slot], barrier)
+            for i in range(2):
+                _copy_rows_shifted(lambda ds: dy_ref.at[h, b, ds], ahead_smem.at[slot, i], s0,
+                                   1 + i, block == num_blocks - 1, barrier)
+
+        @pl.when(lag == 0)
+        def _():
+            for i in range(stages):
+                pl.when(i < count)(lambda i=i: issue(i, i))
+
+        def step(i, acc):
+            slot = lax.rem(i, jnp.int32(stages))
+            plgpu.barrier_wait(loaded.at[slot])
+
+            @pl.when(lag > 0)
+            def _():
+                mask = _per_row(row_vec(segpos_smem.at[slot, lag - 1]), (rows, d)) >= lag
+                ahead = plgpu.load(ahead_smem.at[slot, lag - 1], layout=_WGMMA)
+                b_smem.at[stages + lag - 1][...] = jnp.where(mask, ahead, 0)
+
+            # The B tile is visible to the wgmma; the ids and shifted rows are read.
+            plgpu.commit_smem()
+            u_t = u_smem.at[slot].transpose((1, 0))
+            b_tile = b_smem.at[jnp.where(lag == 0, slot, stages + lag - 1)]
+            if interpret:
+                acc = acc + matmul(u_t, b_tile, shape)
+            else:
+                acc = matmul_into(acc, u_t, b_tile)
+            # The wgmma has completed (its result is in registers): release the slot.
+            plgpu.barrier_arrive(consumed.at[slot])
+
+            @pl.when(jnp.logical_and(lag == 0, i + stages < count))
+            def _():
+                plgpu.barrier_wait(consumed.at[slot])
+                issue(i + stages, slot)
+            return acc
+
+        acc = lax.fori_loop(0, count, step, zeros_acc(shape))
+
+        # Warpgroup 0 waits on every phase of the consumed barriers (the interpreter checks).
+        @pl.when(lag == 0)
+        def _():
+            @pl.loop(jnp.maximum(count - stages, 0), count)
+            def _(i):
+                plgpu.barrier_wait(consumed.at[lax.rem(i, jnp.int32(stages))])
+        return acc
+
+    def kernel(u_ref, dy_ref, segpos_ref, m_ref, loaded, consumed, added):
+        tiled = tile_transforms()
+        acc = pl.run_scoped(
+            functools.partial(walk, u_ref, dy_ref, segpos_ref, loaded, consumed),
+            u_smem=plgpu.SMEM((stages, rows, d), dtype, transforms=tiled),
+            b_smem=plgpu.SMEM((stages + 2, rows, d), dtype, transforms=tiled),
+            ahead_smem=plgpu.SMEM((stages, 2, rows, d), dtype),
+            segpos_smem=plgpu.SMEM((stages, 2, rows), jnp.int32),
+            collective_axes="lag")
+
+        def add(stage_smem):
+            """m[h, lag] += acc, staged in the ring's freed shared memory."""
+            h, lag = lax.axis_index("heads"), lax.axis_index("lag")
+            stage, dst = stage_smem.at[lag], m_ref.at[h, lag]
+            if interpret:
+                # No TMA reduction in the interpreter; its CTAs run one after another.
+                plgpu.copy_gmem_to_smem(dst, stage, added.at[lag])
+                plgpu.barrier_wait(added.at[lag])
+                stage[...] = stage[...] + acc
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(stage, dst)
+            else:
+                stage[...] = acc
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(stage, dst, reduction_op="add")
+            plgpu.wait_smem_to_gmem(0)
+
+        # fp32 (8, 32) tiles with a 128-byte swizzle: the WGMMA layout's stores into plain rows
+        # would all hit the same banks.
+        pl.run_scoped(add, plgpu.SMEM((LAGS, d, d), jnp.float32,
+                                      transforms=(plgpu.TilingTransform((8, 32)),
+                                                  plgpu.SwizzleTransform(128))),
+                      collective_axes="lag")
+
+    sums = jax.new_ref(jnp.zeros((heads, LAGS, d, d), jnp.float32))
+    plgpu.kernel(
+        kernel,
+        out_type=(),
+        scratch_types=dict(
+            loaded=plgpu.Barrier(num_arrivals=5, num_barriers=stages),  # u, ids, 3 dy tiles
+            consumed=plgpu.Barrier(num_arrivals=LAGS, num_barriers=stages),
+            added=plgpu.Barrier(num_barriers=LAGS) if interpret else None,
+        ),
+        grid=(heads, batch * chunks),
+        grid_names=("heads", "chunks"),
+        num_threads=LAGS,
+        thread_name="lag",
+        compiler_params=_COMPILER_PARAMS,
+    )(u, dy, segpos_next, sums)
+    return jnp.moveaxis(sums[...], 1, 0)
+
+
+def lag_products_reference(u, dy, segment_positions):
     """(3, H, d, d) float32: M[l] = sum over (b, t) of u[b, t - l]^T dy[b, t] where t's segment
     reaches back l rows (segment_positions >= l; the conv's masked lag l, `_lags`).
-    u (B, S, H, d), dy (H, B, S, d), segment_positions (B, S).
+    u (B, S, H, d), dy (H, B, S, d), segment_positions (B, S). The reference of `_lag_kernel`.
 
-    One matmul per head, M[l] = sum_t u[t]^T (m_l[t + l] dy[t + l]), against the three shifted
-    and masked dy side by side: 0.10 ms at 4:4, S=16k on the H200 (2026-12-01), against 0.14 ms
-    for three matmuls on shifted slices and 0.16-0.19 ms split over 16 or 64 chunks of S."""
+    In XLA, one matmul per head, M[l] = sum_t u[t]^T (m_l[t + l] dy[t + l]), against the three
+    shifted and masked dy side by side: 0.10 ms at 4:4, S=16k on the H200 (2026-12-01), against
+    0.14 ms for three matmuls on shifted slices and 0.16-0.19 ms split over 16 or 64 chunks."""
     heads, _, seq, d = dy.shape
     shifted = []
     for lag in range(LAGS):
@@ -768,9 +937,9 @@ def _lag_products(u, dy, segment_positions):
 def prologue_bwd(p, conv, temp, positions, segment_positions, d_q, d_k, cfg: CCAConfig):
     """Gradients of `prologue_fwd`'s q', k' (cotangents d_q (B, S, Hq, d), d_k (B, S, Hkv, d)).
 
-    Two kernels and XLA: the dy kernel recomputes y and writes dy = dL/dy and per-row sums for
-    the temperature; the du kernel turns dy into du with the conv's look-ahead halo. The conv
-    weights' gradients are linear in the lag products M[l] = u_l^T dy (`_lag_products`, u_l: the
+    Three kernels and XLA: the dy kernel recomputes y and writes dy = dL/dy and per-row sums
+    for the temperature; the du kernel turns dy into du with the conv's look-ahead halo. The
+    conv weights' gradients are linear in the lag products M[l] = u_l^T dy (`_lag_kernel`, u_l: the
     masked lag l): with c0[t] = b0 + w0[1] u_0[t] + w0[0] u_1[t] and c0[t-1] as the conv
     recompute has it (b0 + w0[1] u_1[t] + w0[0] u_2[t]; b0 alone at a segment start),
       dW1[1] = c0[t]^T dy = b0 (x) d_b1 + w0[1] M[0] + w0[0] M[1], dW1[0] likewise from M[1],
@@ -785,10 +954,11 @@ def prologue_bwd(p, conv, temp, positions, segment_positions, d_q, d_k, cfg: CCA
     seq_pad = inputs[0].shape[1]
     d_q, d_k = (pad_axis(c.astype(p.dtype), 1, seq_pad) for c in (d_q, d_k))
     dy, row_dots = _dy_kernel(inputs, d_q, d_k, cfg)
-    du = _du_kernel(dy, next_segment_positions(inputs[2]), inputs[3], inputs[4], cfg)
+    segpos_next = next_segment_positions(inputs[2])
+    du = _du_kernel(dy, segpos_next, inputs[3], inputs[4], cfg)
 
     f32 = jnp.float32
-    m0, m1, m2 = _lag_products(p[:, :, :heads], dy[:, :, :seq], segment_positions)
+    m0, m1, m2 = _lag_kernel(inputs[0], dy, segpos_next)
     w1 = conv["w1"].astype(f32)  # (tap, H, c, o): c0's channel c to y's channel o
     w_old, w_cur = conv["w0"].astype(f32).reshape(2, heads, d, 1)
     d_b1 = dy.sum(axis=(1, 2), dtype=f32)  # (H, d); padded rows have dy = 0
