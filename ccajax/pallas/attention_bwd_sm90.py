@@ -102,10 +102,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_args,
                                        check_block_sizes, pad_axis, round_up)
-from ccajax.pallas.sm90_pipeline import (WG_ROWS, KVSteps, check_interpret_threads, col_vec,
-                                         in_interpret_mode, kv_flush, matmul, matmul_into,
-                                         next_step_wait, ring_producer, row_vec, tile_transforms,
-                                         zeros_acc)
+from ccajax.pallas.sm90_pipeline import (WG_ROWS, KVSteps, add_to_gmem, check_interpret_threads,
+                                         col_vec, f32_tile_transforms, in_interpret_mode, kv_flush,
+                                         matmul, matmul_into, next_step_wait, ring_producer,
+                                         row_vec, tile_transforms, zeros_acc)
 
 # Two fp32 (64, d) accumulators plus (64, block) S/dP tiles must fit one warpgroup's registers.
 MAX_BLOCK = 128
@@ -702,20 +702,9 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
 
             def add_dq(dq, dst_ref):
                 """dq_sum[window] += dq by a TMA reduce-add (any CTA may add to any window)."""
-                staged = dq_smem.at[wg]
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous add read it
-                if interpret:
-                    # The interpreter has no TMA reduction; its CTAs run one after another,
-                    # so a read, add and write is the same sum.
-                    plgpu.copy_gmem_to_smem(dst_ref, staged, dq_loaded.at[wg])
-                    plgpu.barrier_wait(dq_loaded.at[wg])
-                    staged[...] = staged[...] + dq
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(staged, dst_ref)
-                else:
-                    staged[...] = dq
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(staged, dst_ref, reduction_op="add")
+                add_to_gmem(dq, dq_smem.at[wg], dst_ref,
+                            dq_loaded.at[wg] if interpret else None, interpret)
 
             def head_loop(g, carry):
                 # Steps i: q blocks from the last down; unmasked, masked, then skipped ones.
@@ -760,11 +749,8 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
         segq_smem=plgpu.SMEM((stages, block_q), jnp.int32) if segs else None,
         dst_smem=(plgpu.SMEM((2, block_kv, block_q), p.dtype, transforms=transforms)
                   if fused else None),
-        # fp32 (8, 32) tiles with a 128-byte swizzle: unswizzled, the rows of the WGMMA layout's
-        # stores would be 256 bytes apart, all on the same banks.
         dq_smem=(plgpu.SMEM((wgs, block_q, dq_cols), jnp.float32,
-                            transforms=(plgpu.TilingTransform((8, 32)),
-                                        plgpu.SwizzleTransform(128))) if fused else None),
+                            transforms=f32_tile_transforms()) if fused else None),
         kv_barriers=plgpu.Barrier(num_arrivals=3 if segs else 2, num_barriers=wgs),
         q_barriers=plgpu.Barrier(num_arrivals=3 if segs else 2, num_barriers=stages),  # q, lse2
         do_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dO, delta

@@ -75,9 +75,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ccajax.config import CCAConfig, rotary_dims
 from ccajax.pallas.sm90_common import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, over_batch, pad_axis,
                                        round_up, vary_like)
-from ccajax.pallas.sm90_pipeline import (check_interpret_threads, col_vec, in_interpret_mode,
-                                        matmul, matmul_into, row_vec, tile_transforms,
-                                        zeros_acc)
+from ccajax.pallas.sm90_pipeline import (add_to_gmem, check_interpret_threads, col_vec,
+                                        f32_tile_transforms, in_interpret_mode, matmul,
+                                        matmul_into, row_vec, tile_transforms, zeros_acc)
 
 BLOCK_ROWS = 64  # one warpgroup's wgmma tile
 LAGS = 3  # conv0 at t and t-1 reads rows t, t-1, t-2
@@ -877,25 +877,11 @@ def _lag_kernel(u, dy, segpos_next, *, blocks_per_cta: int | None = None,
         def add(stage_smem):
             """m[h, lag] += acc, staged in the ring's freed shared memory."""
             h, lag = lax.axis_index("heads"), lax.axis_index("lag")
-            stage, dst = stage_smem.at[lag], m_ref.at[h, lag]
-            if interpret:
-                # No TMA reduction in the interpreter; its CTAs run one after another.
-                plgpu.copy_gmem_to_smem(dst, stage, added.at[lag])
-                plgpu.barrier_wait(added.at[lag])
-                stage[...] = stage[...] + acc
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(stage, dst)
-            else:
-                stage[...] = acc
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(stage, dst, reduction_op="add")
+            add_to_gmem(acc, stage_smem.at[lag], m_ref.at[h, lag],
+                        added.at[lag] if interpret else None, interpret)
             plgpu.wait_smem_to_gmem(0)
 
-        # fp32 (8, 32) tiles with a 128-byte swizzle: the WGMMA layout's stores into plain rows
-        # would all hit the same banks.
-        pl.run_scoped(add, plgpu.SMEM((LAGS, d, d), jnp.float32,
-                                      transforms=(plgpu.TilingTransform((8, 32)),
-                                                  plgpu.SwizzleTransform(128))),
+        pl.run_scoped(add, plgpu.SMEM((LAGS, d, d), jnp.float32, transforms=f32_tile_transforms()),
                       collective_axes="lag")
 
     sums = jax.new_ref(jnp.zeros((heads, LAGS, d, d), jnp.float32))

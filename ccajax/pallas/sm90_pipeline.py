@@ -112,6 +112,31 @@ def tile_transforms():
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
+def f32_tile_transforms():
+    """fp32 tiles for staging WGMMA-layout results: (8, 32) tiling + 128-byte swizzle. In plain
+    rows of 64 or 128 floats, the layout's stores would all hit the same banks."""
+    return (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+
+
+def add_to_gmem(value, staged, dst_ref, loaded, interpret: bool) -> None:
+    """``dst_ref += value`` (float32, WGMMA layout) by a TMA reduce-add staged in ``staged``
+    (SMEM shaped like dst_ref, `f32_tile_transforms`): any CTA may add to any window, in an order
+    that varies. The caller waits for the store (`plgpu.wait_smem_to_gmem`) before reusing
+    ``staged``. The interpreter has no TMA reduction: there it reads (on the barrier
+    ``loaded``), adds and writes back, the same sum since its CTAs run one after another (its
+    race detector reports this when two CTAs add to one window)."""
+    if interpret:
+        plgpu.copy_gmem_to_smem(dst_ref, staged, loaded)
+        plgpu.barrier_wait(loaded)
+        staged[...] = staged[...] + value
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(staged, dst_ref)
+    else:
+        staged[...] = value
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(staged, dst_ref, reduction_op="add")
+
+
 def row_vec(ref):
     """A (rows,) SMEM vector as one value per accumulator row (WGMMA row layout)."""
     return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1))
