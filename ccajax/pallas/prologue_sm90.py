@@ -749,7 +749,7 @@ def _du_kernel(dy, segpos_next, vecs, w1, cfg: CCAConfig, *, blocks_per_cta: int
                         heads, batch, walk)(dy, segpos_next, vecs, w1)
 
 
-# The lag products kernel's ring of copies in flight (3 stages do not fit with its B tiles).
+# The lag products kernel's ring of copies in flight (3 would take 226 KB of SMEM; untried).
 LAG_STAGES = 2
 # SMs of an H100 / H200 SXM, for devices that do not say (`_lag_blocks_per_cta`).
 _DEFAULT_SMS = 132
@@ -775,16 +775,16 @@ def _lag_kernel(u, dy, segpos_next, *, blocks_per_cta: int | None = None,
     (`next_segment_positions`: m_l[t + l] is segpos_next[l - 1, t] >= l; past the end 0).
 
     Grid (head, batch x chunk of ``blocks_per_cta`` row blocks, None: `_lag_blocks_per_cta`);
-    three warpgroups, warpgroup l
-    summing lag l into a (d, d) float32 accumulator (128 registers at d=128). Per block, a
-    wgmma of the u tile transposed (A from shared memory) with a B tile of rows t + l: for lag 0
-    the dy tile itself, for lags 1 and 2 the rows copied shifted into an untiled buffer
-    (`_copy_rows_shifted`) and masked in registers into a swizzled tile. Warpgroup 0 also issues
-    the copies of a ``stages``-slot ring, refilling a slot once all three released it. Each
-    CTA adds its sums into the output by a TMA reduce-add (f32; the order of the adds varies).
-    H200, S=16k (2026-12-01): 0.079 ms at 4:4 and 0.083 at 8:8 against 0.10 and 0.18 for
-    XLA's matmul; one lag per CTA (each reading u and dy on its own) ran 0.073-0.09 at 4:4.
-    SMEM at d=128, 2 stages: 2 x (u 16 + dy 16 + 2 shifted dy 32 + ids 0.5) + 2 B tiles 32 =
+    three warpgroups, warpgroup l summing lag l into a (d, d) float32 accumulator (128
+    registers at d=128). Per block, a wgmma of the u tile transposed (A from shared memory)
+    with a B tile of rows t + l: for lag 0 the dy tile itself, for lags 1 and 2 the rows copied
+    shifted into an untiled buffer (`_copy_rows_shifted`) and masked in registers into a
+    swizzled tile. Warpgroup 0 also issues the copies of a ``stages``-slot ring, refilling a
+    slot once all three released it. Each CTA adds its sums into the output by a TMA
+    reduce-add (f32; the order of the adds varies between runs).
+    H200, S=16k (2026-12-01), ms: 0.065 / 0.078 / 0.058 at 4:4 / 8:8 / 8:2 against XLA's
+    matmul's 0.098 / 0.164 / 0.121; one lag per CTA (each reading u and dy on its own) ran
+    0.073-0.10 at 4:4. SMEM at d=128, 2 stages: 2 x (u 16 + dy 16 + 2 shifted dy 32 + ids 0.5) + 2 B tiles 32 =
     161 KB, then 192 KB to stage the sums.
     """
     heads, batch, seq_pad, d = dy.shape
@@ -818,9 +818,9 @@ def _lag_kernel(u, dy, segpos_next, *, blocks_per_cta: int | None = None,
             plgpu.copy_gmem_to_smem(segpos_ref.at[b, :, pl.ds(s0, rows)], segpos_smem.at[slot],
                                     barrier)
             plgpu.copy_gmem_to_smem(dy_ref.at[h, b, pl.ds(s0, rows)], b_smem.at[slot], barrier)
-            for i in range(2):
-                _copy_rows_shifted(lambda ds: dy_ref.at[h, b, ds], ahead_smem.at[slot, i], s0,
-                                   1 + i, block == num_blocks - 1, barrier)
+            for k in range(2):  # dy rows t + 1 + k
+                _copy_rows_shifted(lambda ds: dy_ref.at[h, b, ds], ahead_smem.at[slot, k], s0,
+                                   1 + k, block == num_blocks - 1, barrier)
 
         @pl.when(lag == 0)
         def _():
