@@ -4,11 +4,12 @@
 
 MODE: ``fwd`` (forward kernel: max-abs error vs the jnp prologue, both timed), ``dy`` / ``du``
 (one backward kernel, run and timed), ``lag`` (the lag products kernel: error vs its XLA
-reference, both timed; ``blocks_per_cta=N`` and ``stages=N`` set its chunk and ring), ``bwd`` (the whole backward: errors of dp and the conv
-gradients vs the jnp prologue's VJP, relative to each reference's max-abs; both timed). Default
-layer: CCA C=2 8:8 at E=2048, d=128, half RoPE, bf16, B=1; ``blocks_per_cta=N`` and
-``compute_wgs=N`` set a kernel's row blocks per CTA and its warpgroups (fwd, du; the dy kernel
-has one warpgroup). Prints one ``RESULT {json}`` line.
+reference, both timed; ``blocks_per_cta=N`` and ``stages=N`` set its chunk and ring), ``bwd``
+(the whole backward: errors of dp and the conv gradients vs the jnp prologue's VJP, relative
+to each reference's max-abs; both timed). Default layer: CCA C=2 8:8 at E=2048, d=128, half
+RoPE, bf16, B=1; ``blocks_per_cta=N`` and ``compute_wgs=N`` set a kernel's row blocks per CTA
+and its warpgroups (fwd, du; the dy kernel has one warpgroup). Prints one ``RESULT {json}``
+line.
 One piece per process because a kernel fault (an illegal instruction) ends the CUDA context;
 with ``MOSAIC_GPU_DUMP_PTXAS=1`` ptxas reports each kernel's registers and spills.
 Timing: `benchmarks.timing.time_call` (ten calls per sync, median).
@@ -77,7 +78,8 @@ def main(mode, seq=16384, blocks_per_cta=None, compute_wgs=None, stages=None, **
                                            inputs[3], inputs[4])
     elif mode == "lag":
         if compute_wgs is not None:
-            raise ValueError(f"the lag kernel has one warpgroup; got compute_wgs={compute_wgs}")
+            raise ValueError(f"the lag kernel has one warpgroup per lag, not compute_wgs; got "
+                             f"compute_wgs={compute_wgs}")
         walk = {k: v for k, v in (("blocks_per_cta", blocks_per_cta), ("stages", stages))
                 if v is not None}
         res.update(walk)
