@@ -72,12 +72,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ccajax.config import CCAConfig, rotary_dims
+from ccajax.config import CCAConfig, check_positive_int, rotary_dims
 from ccajax.pallas.sm90_common import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, over_batch, pad_axis,
                                        round_up, vary_like)
 from ccajax.pallas.sm90_pipeline import (add_to_gmem, check_interpret_threads, col_vec,
                                         f32_tile_transforms, in_interpret_mode, matmul,
-                                        matmul_into, row_vec, tile_transforms, zeros_acc)
+                                        matmul_into, ring_drain, row_vec, tile_transforms,
+                                        zeros_acc)
 
 BLOCK_ROWS = 64  # one warpgroup's wgmma tile
 LAGS = 3  # conv0 at t and t-1 reads rows t, t-1, t-2
@@ -784,17 +785,16 @@ def _lag_kernel(u, dy, segpos_next, *, blocks_per_cta: int | None = None,
     reduce-add (f32; the order of the adds varies between runs).
     H200, S=16k (2026-12-01), ms: 0.065 / 0.078 / 0.058 at 4:4 / 8:8 / 8:2 against XLA's
     matmul's 0.098 / 0.164 / 0.121; one lag per CTA (each reading u and dy on its own) ran
-    0.073-0.10 at 4:4. SMEM at d=128, 2 stages: 2 x (u 16 + dy 16 + 2 shifted dy 32 + ids 0.5) + 2 B tiles 32 =
-    161 KB, then 192 KB to stage the sums.
+    0.073-0.10 at 4:4. SMEM at d=128, 2 stages: 2 x (u 16 + dy 16 + 2 shifted dy 32 + ids
+    0.5) + 2 B tiles 32 = 161 KB, then 192 KB to stage the sums.
     """
     heads, batch, seq_pad, d = dy.shape
     rows, dtype = BLOCK_ROWS, dy.dtype
     num_blocks = seq_pad // rows
     if blocks_per_cta is None:
         blocks_per_cta = _lag_blocks_per_cta(heads, batch, num_blocks)
-    for name, value in (("blocks_per_cta", blocks_per_cta), ("stages", stages)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {name}={value!r}")
+    check_positive_int("blocks_per_cta", blocks_per_cta)
+    check_positive_int("stages", stages)
     per_cta = min(blocks_per_cta, num_blocks)
     chunks = pl.cdiv(num_blocks, per_cta)
     interpret = in_interpret_mode()
@@ -857,11 +857,8 @@ def _lag_kernel(u, dy, segpos_next, *, blocks_per_cta: int | None = None,
         acc = lax.fori_loop(0, count, step, zeros_acc(shape))
 
         # Warpgroup 0 waits on every phase of the consumed barriers (the interpreter checks).
-        @pl.when(lag == 0)
-        def _():
-            @pl.loop(jnp.maximum(count - stages, 0), count)
-            def _(i):
-                plgpu.barrier_wait(consumed.at[lax.rem(i, jnp.int32(stages))])
+        pl.when(lag == 0)(lambda: ring_drain(copies=((issue, consumed),), steps=count,
+                                             stages=stages))
         return acc
 
     def kernel(u_ref, dy_ref, segpos_ref, m_ref, loaded, consumed, added):
