@@ -48,6 +48,14 @@ def _fresh_interpreter():
     gpu_interpret.reset_gpu_interpret_mode_state()
 
 
+def _segment_positions(rng, batch, seq):
+    """(B, S) positions within segments: runs of random length, one starting right at a block
+    boundary (row 64)."""
+    ids = np.cumsum(rng.random((batch, seq)) < 0.05, axis=1)
+    ids[:, 64:] += 1
+    return default_positions(contiguous_segments(jnp.asarray(ids, jnp.int32)), batch, seq)
+
+
 def _setup(rng, kwargs, seq, segmented, batch, head_dim=64, dtype=jnp.bfloat16):
     cfg = CCAConfig(d_model=4 * head_dim, head_dim=head_dim, **kwargs)
     params = init_cca_params(jax.random.key(int(rng.integers(1 << 30))), cfg)
@@ -56,12 +64,8 @@ def _setup(rng, kwargs, seq, segmented, batch, head_dim=64, dtype=jnp.bfloat16):
         lambda a: a + 0.3 * jnp.asarray(rng.normal(size=a.shape), a.dtype), params), dtype)
     heads = cfg.num_q_heads + 2 * cfg.num_kv_heads  # q, k and the value heads, as the layer's p
     p = jnp.asarray(rng.normal(size=(batch, seq, heads, head_dim)), dtype)
-    seg = None
-    if segmented:  # runs of random length, one starting right at a block boundary (row 64)
-        ids = np.cumsum(rng.random((batch, seq)) < 0.05, axis=1)
-        ids[:, 64:] += 1
-        seg = contiguous_segments(jnp.asarray(ids, jnp.int32))
-    positions = default_positions(seg, batch, seq)
+    positions = (_segment_positions(rng, batch, seq) if segmented
+                 else default_positions(None, batch, seq))
     return cfg, params, p, positions
 
 
@@ -277,9 +281,7 @@ def test_lag_kernel_matches_reference(rng, blocks_per_cta, stages, batch, races)
     heads, d, seq = 3, 64, 130
     seq_pad = prologue_sm90.round_up(seq, 64)
     p = jnp.asarray(rng.normal(size=(batch, seq, heads + 1, d)), jnp.bfloat16)
-    ids = np.cumsum(rng.random((batch, seq)) < 0.05, axis=1)
-    ids[:, 64:] += 1
-    segpos = contiguous_segments(jnp.asarray(ids, jnp.int32))
+    segpos = _segment_positions(rng, batch, seq)
     dy = jnp.asarray(rng.normal(size=(heads, batch, seq_pad, d)), jnp.bfloat16)
     dy = dy.at[:, :, seq:].set(0)  # the dy kernel's padded rows
     want = prologue_sm90.lag_products_reference(p[:, :, :heads], dy[:, :, :seq], segpos)
