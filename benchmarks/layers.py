@@ -8,15 +8,16 @@ CCA C=4 (4:4), CCGQA 8:2 and 4:2; E=2048, d=128, bf16 params and activations; S 
 B = max(1, tokens // S); causal and not; forward and forward+backward (grads of params and x).
 Each method runs on its best attention kernel: the fastest of cuDNN, ours ("mosaic") and, for
 fwd+bwd, our forward with cuDNN's backward ("mosaic_fwd_cudnn_bwd") per cell and mode among
-``--impls`` / ``--bwd_impls`` (MLA: cuDNN with v zero-padded to the q/k head dim
-192, the only flash kernel here that takes it). CCA/CCGQA use the fused path (`ccajax.cca_fused`)
-with the faster of the ``--prologues`` (jnp, or the sm90 prologue kernel). Timing: ten calls
-per sync for short calls, fewer for long ones (`--target_ms` of device work per sync), median of
-``--repeats`` syncs (`benchmarks/timing.py`, ANCHORS.md's method). The sweep compiles every
-method and variant of one (mask, S) first and then times them in interleaved rounds, one sync
-each per round, so that drift over the minutes a sweep takes (the same layer moved 3-5% between
-runs on the H200) is shared by MHA and the layers compared with it; a run cut short therefore
-keeps only the (mask, S) cells it finished. Speed-up = MHA latency / latency.
+``--impls`` / ``--bwd_impls`` (MHA, GQA, MLA: ``--baseline_bwd_impls``; MLA: cuDNN with v
+zero-padded to the q/k head dim 192, the only flash kernel here that takes it). CCA/CCGQA use
+the fused path (`ccajax.cca_fused`) with the faster of the ``--prologues`` (jnp, or the sm90
+prologue kernel). Timing: ten calls per sync for short calls, fewer for long ones
+(`--target_ms` of device work per sync), median of ``--repeats`` syncs (`benchmarks/timing.py`,
+ANCHORS.md's method). The sweep compiles every method and variant of one (mask, S) first and
+then times them in interleaved rounds, one sync each per round, so that drift over the minutes
+a sweep takes (the same layer moved 3-5% between runs on the H200) is shared by MHA and the
+layers compared with it; a run cut short therefore keeps only the (mask, S) cells it finished.
+Speed-up = MHA latency / latency.
 
 Breakdown (``--mode=breakdown``): the pieces of one CCA layer at S=16k B=1 (plain path and fused
 path: projections, prologue, attention, out-projection), forward and forward+backward.
@@ -59,7 +60,10 @@ flags.DEFINE_list("causal", ["1", "0"], "Mask settings to run (1 causal, 0 none)
 flags.DEFINE_list("methods", [], "Subset of method names (default: all).")
 flags.DEFINE_list("impls", ["cudnn", "mosaic"], "Attention kernels to try for the forward.")
 flags.DEFINE_list("bwd_impls", ["cudnn", "mosaic", "mosaic_fwd_cudnn_bwd"],
-                  "Attention kernels to try for fwd+bwd.")
+                  "Attention kernels to try for fwd+bwd of the CCA/CCGQA layers.")
+flags.DEFINE_list("baseline_bwd_impls", ["cudnn", "mosaic", "mosaic_fwd_cudnn_bwd"],
+                  "Attention kernels to try for fwd+bwd of the MHA/GQA/MLA layers (the speed-ups' "
+                  "baselines: give them at least the CCA layers' choices).")
 flags.DEFINE_list("prologues", ["jnp", "mosaic"], "CCA prologues to try (`cca_attention`'s).")
 flags.DEFINE_integer("breakdown_seq", 16384, "S of the breakdown (B=1).")
 flags.DEFINE_integer("breakdown_compression", 2, "C of the breakdown's CCA layer (2: 8:8, 4: 4:4).")
@@ -180,7 +184,10 @@ def inputs(cfg, batch, seq, seed=0):
 
 def variants(cfg, mode) -> list[tuple[str, str]]:
     """(attention impl, CCA prologue) pairs to time; the prologue is "" for other layers."""
-    wanted = FLAGS.impls if mode == "fwd" else FLAGS.bwd_impls
+    if mode == "fwd":
+        wanted = FLAGS.impls
+    else:
+        wanted = FLAGS.bwd_impls if isinstance(cfg, CCAConfig) else FLAGS.baseline_bwd_impls
     if isinstance(cfg, MLAConfig):
         wanted = [i for i in wanted if not i.startswith("mosaic")]
     prologues = FLAGS.prologues if isinstance(cfg, CCAConfig) else [""]

@@ -25,11 +25,13 @@ def test_imports(name):
 
 def test_layer_sweep_interleaves_and_records_errors(tmp_path):
     """`layers.py`'s sweep on the CPU at S=64: every variant is timed (compiled first, then in
-    interleaved rounds) or records why it could not run (cuDNN has no CPU backend)."""
+    interleaved rounds) or records why it could not run (cuDNN has no CPU backend); the MHA
+    baseline's fwd+bwd choices are its own flag's."""
     out = tmp_path / "layers.json"
     result = subprocess.run(
         [sys.executable, "benchmarks/layers.py", "--seq_lens=64", "--tokens=64", "--causal=1",
          "--methods=MHA 16:16,CCA C=2 (8:8)", "--impls=xla,cudnn", "--bwd_impls=xla",
+         "--baseline_bwd_impls=xla,cudnn",
          "--prologues=jnp", "--repeats=2", f"--out={out}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -43,3 +45,5 @@ def test_layer_sweep_interleaves_and_records_errors(tmp_path):
         assert len(xla["fwd"]["round_ms"]) == 2 and row["fwd"]["spread_pct"] >= 0
         assert "error" in cudnn["fwd"] and "ms" not in cudnn["fwd"]
         assert row["fwd"]["impl"].startswith("xla")
+        # The baseline (MHA) tries --baseline_bwd_impls for fwd+bwd, the CCA layer --bwd_impls.
+        assert ("fwdbwd" in cudnn) == (row["method"] == "MHA 16:16")
