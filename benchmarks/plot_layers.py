@@ -10,6 +10,16 @@ and a non-causal run): bars of MHA latency / layer latency per method, forward a
 forward+backward, one panel per mask, with issue 5's targets (1.8x for C=2, 3.6x for C=4) marked:
 
     python3 benchmarks/plot_layers.py --speedups out.png causal.json noncausal.json
+
+Several runs as one sweep (``--merge OUT.json JSON...``; runs of other (mask, S) cells, or of
+other methods at one cell): each row's speed-up is taken against the MHA layer of its own run,
+where that run timed one, and a cell's row from an earlier file wins over a later one. Then the
+paper-style plot of the merged file, its speed-ups against S (``--speedup_curves``) and the
+speed-ups as a markdown table (``--table``):
+
+    python3 benchmarks/plot_layers.py --merge merged.json run1.json run2.json
+    python3 benchmarks/plot_layers.py --speedup_curves merged.json
+    python3 benchmarks/plot_layers.py --table merged.json
 """
 
 from __future__ import annotations
@@ -54,6 +64,65 @@ def plot(path: str, out: str | None = None) -> str:
     return out
 
 
+def speedups(rows: list) -> None:
+    """Sets each row's "speedup" ({mode: MHA ms / ms}) against the MHA row of the same run,
+    mask and S in ``rows`` (one run's rows), where both were timed."""
+    for row in rows:
+        mha = next((r for r in rows if r["method"] == "MHA 16:16" and r["seq"] == row["seq"]
+                    and r["causal"] == row["causal"]), None)
+        if mha:
+            row["speedup"] = {m: mha[m]["ms"] / row[m]["ms"] for m in ("fwd", "fwdbwd")
+                              if m in row and m in mha}
+
+
+def merge(out: str, *paths: str) -> str:
+    """Writes the runs' rows as one result (see the module docstring); rows keep their run's
+    file name as "source" and their speed-up against that run's MHA layer."""
+    runs, rows, seen = [], [], set()
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+        run_rows = [dict(r, source=path.rsplit("/", 1)[-1]) for r in runs[-1]["rows"]
+                    if "method" in r]
+        speedups(run_rows)
+        for row in run_rows:
+            key = (row["method"], row["seq"], row["causal"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    rows.sort(key=lambda r: (not r["causal"], r["seq"]))
+    first = runs[0]
+    result = {k: first[k] for k in ("device", "date", "jax", "mode", "e", "d", "dtype", "method")
+              if k in first}
+    result.update(command=[r["command"] for r in runs], sources=list(paths), rows=rows)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    return out
+
+
+def table(path: str) -> str:
+    """Markdown table of the speed-ups vs MHA, fwd / fwd+bwd: a row per (mask, S), a column per
+    method."""
+    with open(path) as f:
+        rows = [r for r in json.load(f)["rows"] if "method" in r]
+    speedups([r for r in rows if "speedup" not in r])
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "MHA 16:16"]
+    cells = {(r["causal"], r["seq"], r["method"]): r for r in rows}
+    lines = ["| mask | S (B) | MHA ms | " + " | ".join(methods) + " |",
+             "|---" * (len(methods) + 3) + "|"]
+    for causal, seq in dict.fromkeys((r["causal"], r["seq"]) for r in rows):
+        mha = cells.get((causal, seq, "MHA 16:16"))
+        first = next(r for r in rows if (r["causal"], r["seq"]) == (causal, seq))
+        parts = [("causal" if causal else "none"), f"{seq // 1024}k ({first['batch']})",
+                 " / ".join(f"{mha[m]['ms']:.3g}" for m in ("fwd", "fwdbwd")) if mha else "-"]
+        for name in methods:
+            got = cells.get((causal, seq, name), {}).get("speedup", {})
+            parts.append(" / ".join(f"{got[m]:.2f}" if m in got else "-"
+                                    for m in ("fwd", "fwdbwd")) if got else "-")
+        lines.append("| " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
 # Issue 5's targets: within 10% of the FLOP-ratio ideal (C=2 -> 1.8x, C=4 -> 3.6x).
 TARGETS = {"CCA C=2 (8:8)": 1.8, "CCGQA 8:2": 1.8, "CCA C=4 (4:4)": 3.6}
 
@@ -92,6 +161,44 @@ def plot_speedups(out: str, *paths: str) -> str:
     return out
 
 
+def plot_speedup_curves(path: str, out: str | None = None) -> str:
+    """Speed-up vs the MHA layer against S, one line per method, forward and forward+backward
+    panels, a row per mask, issue 5's targets dashed; next to the JSON as *_speedups_vs_s.png."""
+    with open(path) as f:
+        result = json.load(f)
+    rows = [r for r in result["rows"] if "method" in r]
+    speedups([r for r in rows if "speedup" not in r])
+    masks = sorted({r["causal"] for r in rows}, reverse=True)
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "MHA 16:16"]
+    fig, axes = plt.subplots(len(masks), 2, figsize=(11, 4.2 * len(masks)), squeeze=False)
+    for i, causal in enumerate(masks):
+        for j, (mode, title) in enumerate((("fwd", "forward"), ("fwdbwd", "forward + backward"))):
+            ax = axes[i][j]
+            for name in methods:
+                pts = sorted((r["seq"], r["speedup"][mode]) for r in rows
+                             if r["method"] == name and r["causal"] == causal
+                             and mode in r.get("speedup", {}))
+                if pts:
+                    line, = ax.plot(*zip(*pts), marker="o", ms=3, label=name,
+                                    ls="-" if name.startswith("CC") else "--")
+                    if name in TARGETS:
+                        ax.axhline(TARGETS[name], color=line.get_color(), ls=":", lw=1)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sequence length S (batch = max(1, 16k / S))")
+            ax.set_ylabel("speed-up vs the MHA layer")
+            ax.set_title(f"{title}, {'causal' if causal else 'no mask'} (dotted: targets)")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Attention layers vs MHA, E=2048, d=128, bf16 - {result['device']}, "
+                 f"{result['date']}")
+    fig.tight_layout()
+    out = out or path.rsplit(".", 1)[0] + "_speedups_vs_s.png"
+    fig.savefig(out, dpi=120)
+    return out
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    print(plot_speedups(*args[1:]) if args[:1] == ["--speedups"] else plot(*args))
+    commands = {"--speedups": plot_speedups, "--merge": merge, "--table": table,
+                "--speedup_curves": plot_speedup_curves}
+    print(commands[args[0]](*args[1:]) if args[:1] and args[0] in commands else plot(*args))

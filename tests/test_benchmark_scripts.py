@@ -47,3 +47,40 @@ def test_layer_sweep_interleaves_and_records_errors(tmp_path):
         assert row["fwd"]["impl"].startswith("xla")
         # The baseline (MHA) tries --baseline_bwd_impls for fwd+bwd, the CCA layer --bwd_impls.
         assert ("fwdbwd" in cudnn) == (row["method"] == "MHA 16:16")
+
+
+def _layer_run(path, rows):
+    """A layers.py result with rows (method, causal, seq, fwd ms, fwd+bwd ms)."""
+    path.write_text(json.dumps(dict(device="test", date="d", command="c", rows=[
+        dict(method=m, causal=c, seq=s, batch=1, fwd={"ms": f}, fwdbwd={"ms": fb})
+        for m, c, s, f, fb in rows])))
+    return str(path)
+
+
+def test_layer_merge_pairs_each_row_with_its_own_runs_mha(tmp_path):
+    """`plot_layers.py --merge`: a row's speed-up is against the MHA layer of the run that timed
+    it, the first file wins a cell both timed, and the table and plots read the merged file."""
+    from benchmarks import plot_layers  # `python -m pytest` puts the repository on the path
+
+    first = _layer_run(tmp_path / "a.json", [("MHA 16:16", True, 1024, 2.0, 8.0),
+                                             ("CCGQA 8:2", True, 1024, 1.0, 2.0)])
+    second = _layer_run(tmp_path / "b.json", [("MHA 16:16", True, 1024, 4.0, 4.0),
+                                              ("CCGQA 8:2", True, 1024, 9.0, 9.0),
+                                              ("CCA C=4 (4:4)", True, 1024, 1.0, 2.0),
+                                              ("MHA 16:16", False, 2048, 3.0, 6.0),
+                                              ("CCA C=4 (4:4)", False, 2048, 1.5, 1.0)])
+    merged = plot_layers.merge(str(tmp_path / "m.json"), first, second)
+    rows = json.loads(pathlib.Path(merged).read_text())["rows"]
+    rows = {(r["method"], r["causal"], r["seq"]): r for r in rows}
+    assert len(rows) == 5
+    assert rows["CCGQA 8:2", True, 1024]["speedup"] == {"fwd": 2.0, "fwdbwd": 4.0}
+    assert rows["CCGQA 8:2", True, 1024]["source"] == "a.json"
+    assert rows["CCA C=4 (4:4)", True, 1024]["speedup"] == {"fwd": 4.0, "fwdbwd": 2.0}
+    assert rows["MHA 16:16", True, 1024]["fwd"]["ms"] == 2.0
+    assert rows["CCA C=4 (4:4)", False, 2048]["speedup"] == {"fwd": 2.0, "fwdbwd": 6.0}
+    table = plot_layers.table(merged).splitlines()
+    assert table[0] == "| mask | S (B) | MHA ms | CCGQA 8:2 | CCA C=4 (4:4) |"
+    assert table[2] == "| causal | 1k (1) | 2 / 8 | 2.00 / 4.00 | 4.00 / 2.00 |"
+    assert table[3] == "| none | 2k (1) | 3 / 6 | - | 2.00 / 6.00 |"
+    for png in (plot_layers.plot(merged), plot_layers.plot_speedup_curves(merged)):
+        assert pathlib.Path(png).stat().st_size > 0
