@@ -100,12 +100,21 @@ def merge(out: str, *paths: str) -> str:
     return out
 
 
+def _rows_with_speedups(path: str) -> tuple[dict, list]:
+    """The result and its method rows, each with "speedup" against its own run's MHA layer
+    (`merge` set it per run; one run's rows are paired here)."""
+    with open(path) as f:
+        result = json.load(f)
+    rows = [r for r in result["rows"] if "method" in r]
+    if "sources" not in result:
+        speedups(rows)
+    return result, rows
+
+
 def table(path: str) -> str:
     """Markdown table of the speed-ups vs MHA, fwd / fwd+bwd: a row per (mask, S), a column per
     method."""
-    with open(path) as f:
-        rows = [r for r in json.load(f)["rows"] if "method" in r]
-    speedups([r for r in rows if "speedup" not in r])
+    rows = _rows_with_speedups(path)[1]
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "MHA 16:16"]
     cells = {(r["causal"], r["seq"], r["method"]): r for r in rows}
     lines = ["| mask | S (B) | MHA ms | " + " | ".join(methods) + " |",
@@ -164,10 +173,7 @@ def plot_speedups(out: str, *paths: str) -> str:
 def plot_speedup_curves(path: str, out: str | None = None) -> str:
     """Speed-up vs the MHA layer against S, one line per method, forward and forward+backward
     panels, a row per mask, issue 5's targets dashed; next to the JSON as *_speedups_vs_s.png."""
-    with open(path) as f:
-        result = json.load(f)
-    rows = [r for r in result["rows"] if "method" in r]
-    speedups([r for r in rows if "speedup" not in r])
+    result, rows = _rows_with_speedups(path)
     masks = sorted({r["causal"] for r in rows}, reverse=True)
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "MHA 16:16"]
     fig, axes = plt.subplots(len(masks), 2, figsize=(11, 4.2 * len(masks)), squeeze=False)

@@ -69,18 +69,21 @@ def test_layer_merge_pairs_each_row_with_its_own_runs_mha(tmp_path):
                                               ("CCA C=4 (4:4)", True, 1024, 1.0, 2.0),
                                               ("MHA 16:16", False, 2048, 3.0, 6.0),
                                               ("CCA C=4 (4:4)", False, 2048, 1.5, 1.0)])
-    merged = plot_layers.merge(str(tmp_path / "m.json"), first, second)
+    no_mha = _layer_run(tmp_path / "c.json", [("CCGQA 4:2", True, 1024, 1.0, 1.0)])
+    merged = plot_layers.merge(str(tmp_path / "m.json"), first, second, no_mha)
     rows = json.loads(pathlib.Path(merged).read_text())["rows"]
     rows = {(r["method"], r["causal"], r["seq"]): r for r in rows}
-    assert len(rows) == 5
+    assert len(rows) == 6 and "speedup" not in rows["CCGQA 4:2", True, 1024]
     assert rows["CCGQA 8:2", True, 1024]["speedup"] == {"fwd": 2.0, "fwdbwd": 4.0}
     assert rows["CCGQA 8:2", True, 1024]["source"] == "a.json"
     assert rows["CCA C=4 (4:4)", True, 1024]["speedup"] == {"fwd": 4.0, "fwdbwd": 2.0}
     assert rows["MHA 16:16", True, 1024]["fwd"]["ms"] == 2.0
     assert rows["CCA C=4 (4:4)", False, 2048]["speedup"] == {"fwd": 2.0, "fwdbwd": 6.0}
     table = plot_layers.table(merged).splitlines()
-    assert table[0] == "| mask | S (B) | MHA ms | CCGQA 8:2 | CCA C=4 (4:4) |"
-    assert table[2] == "| causal | 1k (1) | 2 / 8 | 2.00 / 4.00 | 4.00 / 2.00 |"
-    assert table[3] == "| none | 2k (1) | 3 / 6 | - | 2.00 / 6.00 |"
+    assert table[0] == "| mask | S (B) | MHA ms | CCGQA 8:2 | CCA C=4 (4:4) | CCGQA 4:2 |"
+    assert table[2] == "| causal | 1k (1) | 2 / 8 | 2.00 / 4.00 | 4.00 / 2.00 | - |"
+    assert table[3] == "| none | 2k (1) | 3 / 6 | - | 2.00 / 6.00 | - |"
+    one_run = plot_layers.table(second).splitlines()  # not merged: paired within the run
+    assert one_run[2] == "| causal | 1k (1) | 4 / 4 | 0.44 / 0.44 | 4.00 / 2.00 |"
     for png in (plot_layers.plot(merged), plot_layers.plot_speedup_curves(merged)):
         assert pathlib.Path(png).stat().st_size > 0
