@@ -33,35 +33,48 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot(path: str, out: str | None = None) -> str:
-    """Writes the figure next to the JSON (same name, .png) unless ``out`` is given."""
-    with open(path) as f:
-        result = json.load(f)
-    rows = [r for r in result["rows"] if "method" in r]
+def _against_s(result: dict, rows: list, value, ylabel: str, title: str, out: str,
+               log_y: bool = False, targets: dict | None = None) -> str:
+    """A figure of ``value(row, mode)`` (None: no point) against S, one line per method (dashed:
+    the baselines), forward and forward+backward panels, a row per mask; ``targets``: a dotted
+    line per method at its value."""
     masks = sorted({r["causal"] for r in rows}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(len(masks), 2, figsize=(11, 4.2 * len(masks)), squeeze=False)
     for i, causal in enumerate(masks):
-        for j, (mode, title) in enumerate((("fwd", "forward"), ("fwdbwd", "forward + backward"))):
+        for j, (mode, label) in enumerate((("fwd", "forward"), ("fwdbwd", "forward + backward"))):
             ax = axes[i][j]
             for name in methods:
-                pts = sorted((r["seq"], r[mode]["ms"]) for r in rows
-                             if r["method"] == name and r["causal"] == causal and mode in r)
+                pts = sorted((r["seq"], value(r, mode)) for r in rows if r["method"] == name
+                             and r["causal"] == causal and value(r, mode) is not None)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", ms=3, label=name,
-                            ls="-" if name.startswith("CC") else "--")
+                    line, = ax.plot(*zip(*pts), marker="o", ms=3, label=name,
+                                    ls="-" if name.startswith("CC") else "--")
+                    if name in (targets or {}):
+                        ax.axhline(targets[name], color=line.get_color(), ls=":", lw=1)
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            if log_y:
+                ax.set_yscale("log")
             ax.set_xlabel("sequence length S (batch = max(1, 16k / S))")
-            ax.set_ylabel("layer latency (ms)")
-            ax.set_title(f"{title}, {'causal' if causal else 'no mask'}")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{label}, {'causal' if causal else 'no mask'}"
+                         + (" (dotted: targets)" if targets else ""))
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Attention layers, E=2048, d=128, bf16 - {result['device']}, {result['date']}")
+    fig.suptitle(f"{title}, E=2048, d=128, bf16 - {result['device']}, {result['date']}")
     fig.tight_layout()
-    out = out or path.rsplit(".", 1)[0] + ".png"
     fig.savefig(out, dpi=120)
     return out
+
+
+def plot(path: str, out: str | None = None) -> str:
+    """The paper-style latency plot; next to the JSON (same name, .png) unless ``out`` is given."""
+    with open(path) as f:
+        result = json.load(f)
+    rows = [r for r in result["rows"] if "method" in r]
+    return _against_s(result, rows, lambda r, mode: r[mode]["ms"] if mode in r else None,
+                      "layer latency (ms)", "Attention layers",
+                      out or path.rsplit(".", 1)[0] + ".png", log_y=True)
 
 
 def speedups(rows: list) -> None:
@@ -171,36 +184,13 @@ def plot_speedups(out: str, *paths: str) -> str:
 
 
 def plot_speedup_curves(path: str, out: str | None = None) -> str:
-    """Speed-up vs the MHA layer against S, one line per method, forward and forward+backward
-    panels, a row per mask, issue 5's targets dashed; next to the JSON as *_speedups_vs_s.png."""
+    """Speed-up vs the MHA layer against S, a line per method, issue 5's targets dotted; next to
+    the JSON as *_speedups_vs_s.png unless ``out`` is given."""
     result, rows = _rows_with_speedups(path)
-    masks = sorted({r["causal"] for r in rows}, reverse=True)
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "MHA 16:16"]
-    fig, axes = plt.subplots(len(masks), 2, figsize=(11, 4.2 * len(masks)), squeeze=False)
-    for i, causal in enumerate(masks):
-        for j, (mode, title) in enumerate((("fwd", "forward"), ("fwdbwd", "forward + backward"))):
-            ax = axes[i][j]
-            for name in methods:
-                pts = sorted((r["seq"], r["speedup"][mode]) for r in rows
-                             if r["method"] == name and r["causal"] == causal
-                             and mode in r.get("speedup", {}))
-                if pts:
-                    line, = ax.plot(*zip(*pts), marker="o", ms=3, label=name,
-                                    ls="-" if name.startswith("CC") else "--")
-                    if name in TARGETS:
-                        ax.axhline(TARGETS[name], color=line.get_color(), ls=":", lw=1)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("sequence length S (batch = max(1, 16k / S))")
-            ax.set_ylabel("speed-up vs the MHA layer")
-            ax.set_title(f"{title}, {'causal' if causal else 'no mask'} (dotted: targets)")
-            ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Attention layers vs MHA, E=2048, d=128, bf16 - {result['device']}, "
-                 f"{result['date']}")
-    fig.tight_layout()
-    out = out or path.rsplit(".", 1)[0] + "_speedups_vs_s.png"
-    fig.savefig(out, dpi=120)
-    return out
+    rows = [r for r in rows if r["method"] != "MHA 16:16"]
+    return _against_s(result, rows, lambda r, mode: r.get("speedup", {}).get(mode),
+                      "speed-up vs the MHA layer", "Attention layers vs MHA",
+                      out or path.rsplit(".", 1)[0] + "_speedups_vs_s.png", targets=TARGETS)
 
 
 if __name__ == "__main__":
