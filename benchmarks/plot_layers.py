@@ -34,10 +34,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _against_s(result: dict, rows: list, value, ylabel: str, title: str, out: str,
-               log_y: bool = False, targets: dict | None = None) -> str:
+               log_y: bool = False, ideal=None, targets: dict | None = None) -> str:
     """A figure of ``value(row, mode)`` (None: no point) against S, one line per method (dashed:
-    the baselines), forward and forward+backward panels, a row per mask; ``targets``: a dotted
-    line per method at its value."""
+    the baselines), forward and forward+backward panels, a row per mask. ``ideal(row, mode)``:
+    a thin dotted line of the method's colour; ``targets``: grey horizontal lines."""
     masks = sorted({r["causal"] for r in rows}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(len(masks), 2, figsize=(11, 4.2 * len(masks)), squeeze=False)
@@ -45,20 +45,26 @@ def _against_s(result: dict, rows: list, value, ylabel: str, title: str, out: st
         for j, (mode, label) in enumerate((("fwd", "forward"), ("fwdbwd", "forward + backward"))):
             ax = axes[i][j]
             for name in methods:
-                pts = sorted((r["seq"], value(r, mode)) for r in rows if r["method"] == name
-                             and r["causal"] == causal and value(r, mode) is not None)
-                if pts:
-                    line, = ax.plot(*zip(*pts), marker="o", ms=3, label=name,
-                                    ls="-" if name.startswith("CC") else "--")
-                    if name in (targets or {}):
-                        ax.axhline(targets[name], color=line.get_color(), ls=":", lw=1)
+                mine = sorted((r for r in rows if r["method"] == name and r["causal"] == causal
+                               and value(r, mode) is not None), key=lambda r: r["seq"])
+                if not mine:
+                    continue
+                seqs = [r["seq"] for r in mine]
+                line, = ax.plot(seqs, [value(r, mode) for r in mine], marker="o", ms=3,
+                                label=name, ls="-" if name.startswith("CC") else "--")
+                if ideal:
+                    ax.plot(seqs, [ideal(r, mode) for r in mine], color=line.get_color(),
+                            ls=":", lw=1)
+            for target in sorted(set((targets or {}).values())):
+                ax.axhline(target, color="grey", ls="-.", lw=0.8)
             ax.set_xscale("log", base=2)
             if log_y:
                 ax.set_yscale("log")
             ax.set_xlabel("sequence length S (batch = max(1, 16k / S))")
             ax.set_ylabel(ylabel)
+            notes = ["dotted: FLOP-count ideal"] * bool(ideal) + ["grey: targets"] * bool(targets)
             ax.set_title(f"{label}, {'causal' if causal else 'no mask'}"
-                         + (" (dotted: targets)" if targets else ""))
+                         + (f" ({'; '.join(notes)})" if notes else ""), fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{title}, E=2048, d=128, bf16 - {result['device']}, {result['date']}")
@@ -183,14 +189,31 @@ def plot_speedups(out: str, *paths: str) -> str:
     return out
 
 
+def flop_ratio(row: dict, mode: str, e: int = 2048, d: int = 128) -> float:
+    """The MHA layer's FLOPs over the row's layer's at its B, S and mask (`ccajax.costs`:
+    projections, convolutions and attention matmuls; element-wise work is not counted): the
+    speed-up if both ran at one FLOP rate."""
+    from ccajax import costs  # here: the other plots need only matplotlib
+
+    cfgs = costs.standard_configs(e, d, causal=row["causal"])
+    mha, own = (costs.layer_cost(cfgs[name], row["batch"], row["seq"])
+                for name in ("MHA 16:16", row["method"]))
+    flops = (lambda c: c.forward_flops) if mode == "fwd" else (
+        lambda c: c.forward_flops + c.backward_flops)
+    return flops(mha) / flops(own)
+
+
 def plot_speedup_curves(path: str, out: str | None = None) -> str:
-    """Speed-up vs the MHA layer against S, a line per method, issue 5's targets dotted; next to
-    the JSON as *_speedups_vs_s.png unless ``out`` is given."""
+    """Speed-up vs the MHA layer against S, a line per method beside its FLOP-count ideal
+    (`flop_ratio`), issue 5's targets in grey; next to the JSON as *_speedups_vs_s.png unless
+    ``out`` is given."""
     result, rows = _rows_with_speedups(path)
     rows = [r for r in rows if r["method"] != "MHA 16:16"]
+    e, d = result.get("e", 2048), result.get("d", 128)
     return _against_s(result, rows, lambda r, mode: r.get("speedup", {}).get(mode),
                       "speed-up vs the MHA layer", "Attention layers vs MHA",
-                      out or path.rsplit(".", 1)[0] + "_speedups_vs_s.png", targets=TARGETS)
+                      out or path.rsplit(".", 1)[0] + "_speedups_vs_s.png",
+                      ideal=lambda r, mode: flop_ratio(r, mode, e, d), targets=TARGETS)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,20 @@ def test_layer_merge_pairs_each_row_with_its_own_runs_mha(tmp_path):
     assert one_run[2] == "| causal | 1k (1) | 4 / 4 | 0.44 / 0.44 | 4.00 / 2.00 |"
     for png in (plot_layers.plot(merged), plot_layers.plot_speedup_curves(merged)):
         assert pathlib.Path(png).stat().st_size > 0
+
+
+def test_flop_ratio_is_mhas_flops_over_the_layers():
+    """The speed-up plot's ideal: 1 for MHA itself, near C for CCA at long S (attention
+    dominates), higher at short S for CCGQA 8:2, whose k/v projections are 4x smaller still."""
+    from benchmarks.plot_layers import flop_ratio
+
+    def ratio(method, seq, causal=True, mode="fwd"):
+        return flop_ratio(dict(method=method, seq=seq, batch=max(1, 16384 // seq),
+                               causal=causal), mode)
+
+    assert ratio("MHA 16:16", 4096) == 1.0
+    for mode in ("fwd", "fwdbwd"):
+        assert 1.95 < ratio("CCA C=2 (8:8)", 65536, mode=mode) < 2.0
+        assert 3.9 < ratio("CCA C=4 (4:4)", 65536, causal=False, mode=mode) < 4.0
+        assert ratio("CCGQA 8:2", 1024, mode=mode) > ratio("CCGQA 8:2", 65536, mode=mode) > 2
+
