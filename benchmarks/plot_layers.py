@@ -14,8 +14,8 @@ forward+backward, one panel per mask, with issue 5's targets (1.8x for C=2, 3.6x
 Several runs as one sweep (``--merge OUT.json JSON...``; runs of other (mask, S) cells, or of
 other methods at one cell): each row's speed-up is taken against the MHA layer of its own run,
 where that run timed one, and a cell's row from an earlier file wins over a later one. Then the
-paper-style plot of the merged file, its speed-ups against S (``--speedup_curves``) and the
-speed-ups as a markdown table (``--table``):
+paper-style plot of the merged file, its speed-ups against S beside each method's FLOP-count
+ideal (``--speedup_curves``) and the speed-ups as a markdown table (``--table``):
 
     python3 benchmarks/plot_layers.py --merge merged.json run1.json run2.json
     python3 benchmarks/plot_layers.py --speedup_curves merged.json
@@ -113,7 +113,8 @@ def merge(out: str, *paths: str) -> str:
     first = runs[0]
     result = {k: first[k] for k in ("device", "date", "jax", "mode", "e", "d", "dtype", "method")
               if k in first}
-    result.update(command=[r["command"] for r in runs], sources=list(paths), rows=rows)
+    result.update(command=[r["command"] for r in runs],
+                  sources=[path.rsplit("/", 1)[-1] for path in paths], rows=rows)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     return out
