@@ -81,7 +81,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_args,
-                                       check_block_sizes, pad_axis, round_up)
+                                       check_block_sizes, pad_axis, round_up, sm_count)
 from ccajax.pallas.sm90_pipeline import (FIRST_NAMED_BARRIER, NUM_NAMED_BARRIERS, THREADS_PER_WG,
                                          KVSteps, NamedSlots, check_interpret_threads, full_rows,
                                          in_interpret_mode, kv_flush, matmul, matmul_into,
@@ -185,7 +185,7 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
         raise ValueError("persistent=True needs is_causal=False (a CTA's tiles must all have "
                          "the same number of kv steps); use persistent=None or False")
     if persistent and num_ctas is None:
-        num_ctas = 2 if in_interpret_mode() else _sm_count()
+        num_ctas = 2 if in_interpret_mode() else sm_count()
     if persistent and (not isinstance(num_ctas, int) or num_ctas < 1):
         raise ValueError(f"num_ctas must be a positive int; got num_ctas={num_ctas!r}")
     if named_barriers is None:
@@ -203,13 +203,6 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
                           oneway_pingpong=bool(oneway_pingpong),
                           num_ctas=num_ctas if persistent else None,
                           named_barriers=named_barriers, auto_barriers=bool(auto_barriers))
-
-
-def _sm_count() -> int:
-    device = jax.devices()[0]
-    if device.platform == "gpu":
-        return device.core_count
-    return 132  # an H100 / H200, for lowering the GPU build on a CPU-only host
 
 
 @functools.partial(jax.jit, static_argnames=("is_causal", "scale", "block_q", "block_kv",

@@ -45,18 +45,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ccajax.pallas.sm90_common import LOG2E, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from ccajax.pallas.sm90_common import (LOG2E, SM90_SMS, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS,
+                                       sm_count)
 from ccajax.pallas.sm90_pipeline import (WG_ROWS, full_rows, matmul, tile_transforms,
                                          zeros_acc)
 
 BLOCK_KV_CHOICES = (64, 128)
-NUM_SMS = 132  # H100 SXM; `default_splits` plans waves of one CTA per SM
 # A CTA's fixed cost (q load, pipeline fill, epilogue) in units of one tile's streaming time.
 CTA_OVERHEAD_TILES = 2
 
 
 def default_splits(batch: int, num_kv_heads: int, max_len: int, block_kv: int,
-                   num_sms: int = NUM_SMS) -> int:
+                   num_sms: int = SM90_SMS) -> int:
     """How many chunks to cut each (sequence, kv head) into, a divisor of T / block_kv.
 
     Minimises the modelled time of full-length sequences: waves of one CTA per SM (at d=128 the
@@ -123,15 +123,10 @@ def decode_attention_sm90(q, k, v, lengths, *, scale: float | None = None, block
     """
     check_decode_args(q, k, v, lengths, block_kv, stages, splits)
     if splits is None:
-        splits = default_splits(q.shape[0], k.shape[2], k.shape[1], block_kv, _num_sms())
+        splits = default_splits(q.shape[0], k.shape[2], k.shape[1], block_kv, sm_count())
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _decode(q, k, v, lengths.astype(jnp.int32), scale=scale, block_kv=block_kv,
                    stages=stages, splits=splits)
-
-
-def _num_sms() -> int:
-    """SMs of the default device (GPUs report ``core_count``); NUM_SMS elsewhere."""
-    return getattr(jax.devices()[0], "core_count", None) or NUM_SMS
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_kv", "stages", "splits"))

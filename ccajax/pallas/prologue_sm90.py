@@ -74,7 +74,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.config import CCAConfig, check_positive_int, rotary_dims
 from ccajax.pallas.sm90_common import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, over_batch, pad_axis,
-                                       round_up, vary_like)
+                                       round_up, sm_count, vary_like)
 from ccajax.pallas.sm90_pipeline import (add_to_gmem, check_interpret_threads, col_vec,
                                         f32_tile_transforms, in_interpret_mode, matmul,
                                         matmul_into, ring_drain, row_vec, tile_transforms,
@@ -752,8 +752,6 @@ def _du_kernel(dy, segpos_next, vecs, w1, cfg: CCAConfig, *, blocks_per_cta: int
 
 # The lag products kernel's ring of copies in flight (3 would take 226 KB of SMEM; untried).
 LAG_STAGES = 2
-# SMs of an H100 / H200 SXM, for devices that do not say (`_lag_blocks_per_cta`).
-_DEFAULT_SMS = 132
 
 
 def _lag_blocks_per_cta(heads, batch, num_blocks):
@@ -764,8 +762,7 @@ def _lag_blocks_per_cta(heads, batch, num_blocks):
     detector reports the interpreter's stand-in for the reduce-add when two CTAs do)."""
     if in_interpret_mode():
         return num_blocks
-    sms = getattr(jax.devices()[0], "core_count", None) or _DEFAULT_SMS
-    return pl.cdiv(heads * batch * num_blocks, sms)
+    return pl.cdiv(heads * batch * num_blocks, sm_count())
 
 
 def _lag_kernel(u, dy, segpos_next, *, blocks_per_cta: int | None = None,

@@ -16,6 +16,14 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 # 128-byte swizzle span; block sizes must therefore be multiples of 64.
 BLOCK_MULTIPLE = 64
 LOG2E = math.log2(math.e)
+# SMs of an H100 / H200 SXM: `sm_count` where the device does not say.
+SM90_SMS = 132
+
+
+def sm_count() -> int:
+    """SMs of the default device (GPUs report ``core_count``); SM90_SMS elsewhere, e.g. when
+    the GPU build is lowered on a CPU-only host."""
+    return getattr(jax.devices()[0], "core_count", None) or SM90_SMS
 
 
 def batch_axes(batch: int) -> tuple[str, ...]:
