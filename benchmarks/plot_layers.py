@@ -160,9 +160,9 @@ def plot_speedups(out: str, *paths: str) -> str:
     """Speed-up bars vs the MHA 16:16 layer of the same run and mask, from sweeps of one S."""
     runs, rows = [], []
     for path in paths:
-        with open(path) as f:
-            runs.append(json.load(f))
-        rows += [r for r in runs[-1]["rows"] if "method" in r]
+        result, run_rows = _rows_with_speedups(path)
+        runs.append(result)
+        rows += run_rows
     masks = sorted({r["causal"] for r in rows}, reverse=True)
     fig, axes = plt.subplots(1, len(masks), figsize=(6 * len(masks), 4.2), squeeze=False)
     for ax, causal in zip(axes[0], masks):
@@ -170,9 +170,8 @@ def plot_speedups(out: str, *paths: str) -> str:
         mha = cell.pop("MHA 16:16")
         names = list(cell)
         for k, (mode, label) in enumerate((("fwd", "forward"), ("fwdbwd", "forward + backward"))):
-            speedups = [mha[mode]["ms"] / cell[n][mode]["ms"] for n in names]
             xs = [i + (k - 0.5) * 0.38 for i in range(len(names))]
-            bars = ax.bar(xs, speedups, 0.36, label=label)
+            bars = ax.bar(xs, [cell[n]["speedup"][mode] for n in names], 0.36, label=label)
             ax.bar_label(bars, fmt="%.2f", fontsize=8)
         for i, name in enumerate(names):
             if name in TARGETS:

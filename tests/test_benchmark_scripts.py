@@ -85,7 +85,8 @@ def test_layer_merge_pairs_each_row_with_its_own_runs_mha(tmp_path):
     assert table[3] == "| none | 2k (1) | 3 / 6 | - | 2.00 / 6.00 | - |"
     one_run = plot_layers.table(second).splitlines()  # not merged: paired within the run
     assert one_run[2] == "| causal | 1k (1) | 4 / 4 | 0.44 / 0.44 | 4.00 / 2.00 |"
-    for png in (plot_layers.plot(merged), plot_layers.plot_speedup_curves(merged)):
+    for png in (plot_layers.plot(merged), plot_layers.plot_speedup_curves(merged),
+                plot_layers.plot_speedups(str(tmp_path / "bars.png"), second)):
         assert pathlib.Path(png).stat().st_size > 0
 
 
