@@ -4,7 +4,8 @@ our forward with cuDNN's backward ("mosaic_fwd_cudnn_bwd", the default on Hopper
     PYTHONPATH=. python3 benchmarks/attention.py --out=$OUT/attention.json
 
 Cells: Hq:Hkv 16:16, 8:2, 4:4 at d=128, S = 1k (B=16), 4k (B=4), 16k and 32k (B=1), causal and not,
-bf16, forward and forward+backward, timed as `../shared/ANCHORS.md` says (`benchmarks/timing.py`).
+bf16, forward and forward+backward, timed as `../shared/ANCHORS.md` says, every implementation of a
+cell in interleaved rounds (`benchmarks/timing.py`'s `time_interleaved`).
 TF/s counts attention matmul FLOPs only: 4*B*S^2*Hq*d, halved when causal; fwd+bwd is 3.5x that.
 Each cell also records ours against cuDNN (max |diff| of the forward outputs). tokamax runs when it
 is importable (carry its wheels); otherwise the reason is printed and recorded.
@@ -17,23 +18,25 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks.peers import peers
-from benchmarks.timing import tflops_or_error, write_sweep
+from benchmarks.timing import time_interleaved, with_tflops, write_sweep
 
 flags.DEFINE_string("out", "benchmarks/results/attention.json", "Where to write the JSON results.")
 flags.DEFINE_list("seq_lens", ["1024", "4096", "16384", "32768"], "Sequence lengths.")
 flags.DEFINE_list("heads", ["16:16", "8:2", "4:4"], "Hq:Hkv pairs.")
 flags.DEFINE_integer("tokens", 16384, "Batch is max(1, tokens // S).")
 flags.DEFINE_integer("xla_max_seq", 4096, "XLA materialises S^2 scores: time it only up to here.")
-flags.DEFINE_integer("repeats", 5, "Median of this many repeats of ten calls per sync.")
+flags.DEFINE_integer("repeats", 5, "Median of this many interleaved rounds of ten calls per "
+                     "sync.")
 FLAGS = flags.FLAGS
 HEAD_DIM = 128
 
 
-def measure(fn, q, k, v, causal, flops, modes=("fwd", "fwdbwd")):
-    fwd = jax.jit(lambda q, k, v: fn(q, k, v, causal))
-    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, causal).astype(jnp.float32)), (0, 1, 2)))
-    return {mode: tflops_or_error(f, q, k, v, flops=mult * flops, repeats=FLAGS.repeats)
-            for mode, f, mult in (("fwd", fwd, 1.0), ("fwdbwd", grad, 3.5)) if mode in modes}
+def jitted(fn, causal, mode):
+    """The jitted forward, or gradient w.r.t. q, k and v, of ``fn(q, k, v, causal)``."""
+    if mode == "fwd":
+        return jax.jit(lambda q, k, v: fn(q, k, v, causal))
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, causal).astype(jnp.float32)),
+                            (0, 1, 2)))
 
 
 def main(argv):
@@ -55,12 +58,15 @@ def main(argv):
                 diff = (fns["mosaic"](q, k, v, causal).astype(jnp.float32)
                         - fns["cudnn"](q, k, v, causal).astype(jnp.float32))
                 row["max_abs_diff_vs_cudnn"] = float(jnp.max(jnp.abs(diff)))
-                for name, fn in fns.items():
-                    if name == "xla" and seq > FLAGS.xla_max_seq:
-                        continue
-                    # The hybrid's forward is ours: time only its fwd+bwd.
-                    modes = ("fwdbwd",) if name == "mosaic_fwd_cudnn_bwd" else ("fwd", "fwdbwd")
-                    row["results"][name] = measure(fn, q, k, v, causal, flops, modes)
+                jobs = [(name, mode) for name in fns for mode in ("fwd", "fwdbwd")
+                        if not (name == "xla" and seq > FLAGS.xla_max_seq)
+                        # The hybrid's forward is ours: time only its fwd+bwd.
+                        and not (name == "mosaic_fwd_cudnn_bwd" and mode == "fwd")]
+                timings = time_interleaved([(jitted(fns[name], causal, mode), (q, k, v), 10)
+                                            for name, mode in jobs], repeats=FLAGS.repeats)
+                for (name, mode), res in zip(jobs, timings):
+                    mult = 3.5 if mode == "fwdbwd" else 1.0
+                    row["results"].setdefault(name, {})[mode] = with_tflops(res, mult * flops)
                 rows.append(row)
                 print(format_row(row), flush=True)
     write_sweep(FLAGS.out, rows, repeats=FLAGS.repeats, missing_peers=missing)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import statistics
 import sys
 import time
 
@@ -40,7 +39,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks.kernel_profile import kernel_times
-from benchmarks.timing import device_name, failure, time_call
+from benchmarks.timing import device_name, failure, time_interleaved
 from ccajax import cca, cca_fused, costs
 from ccajax._common import cast_tree
 from ccajax.attention import dot_product_attention
@@ -140,30 +139,19 @@ def prepared(make, *args) -> dict:
 
 
 def interleaved(jobs) -> None:
-    """Time the ``(result, args)`` jobs (results from `prepared`) in ``--repeats`` rounds after a
-    warm-up round, one sync of each job per round, so that drift during the sweep (clocks,
-    temperature) reaches every method alike. Each sync follows ``--round_warmup`` untimed calls
-    of the same job, so that it times the layer back to back with itself (ANCHORS.md's "after
-    warm-up"), not its first call after another method's. Each result gets "ms", its median
-    over the rounds, and "round_ms", every round's time (or "error"), and loses "fn"."""
-    samples = [[] for _ in jobs]
-    for round_ in range(FLAGS.repeats + 1):  # round 0 warms up
-        for times, (res, args) in zip(samples, jobs):
-            if "error" in res:
-                continue
-            try:
-                seconds = time_call(res["fn"], *args, calls_per_sync=res["calls_per_sync"],
-                                    repeats=1, warmup=FLAGS.round_warmup)
-            except Exception as e:  # noqa: BLE001 - record why a cell could not run
-                res["error"] = failure(e)
-                continue
-            if round_:
-                times.append(1e3 * seconds)
-    for times, (res, _) in zip(samples, jobs):
-        res.pop("fn", None)
-        if "error" not in res:
-            res["ms"] = statistics.median(times)
-            res["round_ms"] = [round(t, 4) for t in times]
+    """Time the ``(result, args)`` jobs (results from `prepared`) with `time_interleaved`:
+    ``--repeats`` rounds after a warm-up round, one sync of each job per round, each sync after
+    ``--round_warmup`` untimed calls of the same job (so that it times the layer back to back
+    with itself, ANCHORS.md's "after warm-up", not its first call after another method's).
+    Each result gets "ms", its median over the rounds, and "round_ms", every round's time (or
+    "error"), and loses "fn"."""
+    live = [res for res, _ in jobs if "error" not in res]
+    timings = time_interleaved([(res["fn"], args, res["calls_per_sync"])
+                                for res, args in jobs if "error" not in res],
+                               repeats=FLAGS.repeats, warmup=FLAGS.round_warmup)
+    for res, timing in zip(live, timings):
+        res.pop("fn")
+        res.update(timing)
 
 
 def timed(make, *args) -> dict:

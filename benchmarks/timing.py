@@ -25,6 +25,38 @@ def time_call(fn, *args, calls_per_sync: int = 10, repeats: int = 7, warmup: int
     return statistics.median(samples)
 
 
+def time_interleaved(jobs, *, repeats: int, warmup: int = 1) -> list[dict]:
+    """Time ``(fn, args, calls_per_sync)`` jobs (``fn`` jitted) in ``repeats`` rounds after an
+    untimed warm-up round (which also compiles): each round takes one sync of every job in
+    turn, each after ``warmup`` untimed calls of that job. Drift during the sweep (clocks,
+    temperature) then reaches every job alike, where timing one job's repeats after another's
+    hands it to whichever ran during a slow spell.
+
+    Returns per job ``{"ms": median ms per call, "round_ms": each round's}``, or ``{"error"}``
+    for a job that raised (it is left out of the later rounds)."""
+    samples: list[list[float] | None] = [[] for _ in jobs]
+    errors: dict[int, str] = {}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for i, (fn, args, calls) in enumerate(jobs):
+            if i in errors:
+                continue
+            try:
+                seconds = time_call(fn, *args, calls_per_sync=calls, repeats=1, warmup=warmup)
+            except Exception as e:  # noqa: BLE001 - record why a job could not run
+                errors[i] = failure(e)
+                continue
+            if round_:
+                samples[i].append(1e3 * seconds)
+    return [dict(error=errors[i]) if i in errors else
+            dict(ms=statistics.median(times), round_ms=[round(t, 4) for t in times])
+            for i, times in enumerate(samples)]
+
+
+def with_tflops(result: dict, flops: float) -> dict:
+    """A `time_interleaved` result with "tflops" added (none for an error)."""
+    return dict(result, tflops=flops / result["ms"] / 1e9) if "ms" in result else result
+
+
 def device_name() -> str:
     return jax.devices()[0].device_kind
 
@@ -48,20 +80,12 @@ def failure(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e)[:300]}"
 
 
-def tflops_or_error(fn, *args, flops: float, repeats: int) -> dict:
-    """``{"ms", "tflops"}`` of ``fn(*args)`` (jitted), or ``{"error"}`` saying why it failed."""
-    try:
-        ms = 1e3 * time_call(fn, *args, repeats=repeats)
-    except Exception as e:  # noqa: BLE001 - record why a configuration could not run
-        return dict(error=failure(e))
-    return dict(ms=ms, tflops=flops / ms / 1e9)
-
-
 def write_sweep(path: str, rows: list, *, repeats: int, **fields) -> None:
     """A tuning sweep's JSON: device, date, jax version, ``fields``, method and rows."""
     result = dict(device=device_name(), date=datetime.date.today().isoformat(),
                   jax=jax.__version__, **fields,
-                  method=f"median of {repeats} repeats of 10 calls per sync", rows=rows)
+                  method=f"median of {repeats} interleaved rounds (one sync of 10 calls of "
+                         f"each entry per round, after a warm-up call)", rows=rows)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {path}")

@@ -4,7 +4,7 @@
 
 Times ``attention_bwd`` alone (q, k, v, out, lse, d_out precomputed by our forward) for every
 configuration in ``CONFIGS`` and every cell (Hq:Hkv x causal at one S), and cuDNN's backward as
-its fwd+bwd minus its fwd. TF/s counts the backward's matmul FLOPs: 2.5 x 4*B*S^2*Hq*d (halved when
+its fwd+bwd minus its fwd, all of a cell's in interleaved rounds (`time_interleaved`). TF/s counts the backward's matmul FLOPs: 2.5 x 4*B*S^2*Hq*d (halved when
 causal). Prints one line per cell with ours/cuDNN per configuration; the best configuration per
 cell is what ``attention_bwd``'s defaults should be.
 """
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks.timing import format_vs_cudnn, tflops_or_error, time_call, write_sweep
+from benchmarks.timing import format_vs_cudnn, time_interleaved, with_tflops, write_sweep
 from ccajax.pallas.attention_bwd_sm90 import attention_bwd
 from ccajax.pallas.attention_fwd_sm90 import attention_fwd
 
@@ -24,7 +24,8 @@ flags.DEFINE_integer("seq", 16384, "Sequence length (batch = max(1, tokens // se
 flags.DEFINE_integer("tokens", 16384, "Tokens per batch.")
 flags.DEFINE_list("heads", ["16:16", "8:2", "4:4"], "Hq:Hkv pairs.")
 flags.DEFINE_list("configs", None, "Names from CONFIGS (default: all).")
-flags.DEFINE_integer("repeats", 5, "Median of this many repeats of ten calls per sync.")
+flags.DEFINE_integer("repeats", 5, "Median of this many interleaved rounds of ten calls per "
+                     "sync.")
 FLAGS = flags.FLAGS
 HEAD_DIM = 128
 
@@ -37,16 +38,17 @@ CONFIGS = {
     "smem_operands": dict(register_operands=False),
     "fused_dq": dict(fused_dq=True),
     "fused_dq_1wg": dict(fused_dq=True, dkv_block_kv=64),
+    # Pallas' warpgroup syncs around shared-memory accesses (the default before 2026-12-02).
+    "auto_barriers": dict(auto_barriers=True),
 }
 
 
-def cudnn_bwd_ms(q, k, v, causal):
+def cudnn_fwd_and_grad(causal):
+    """cuDNN's jitted forward and its gradient w.r.t. q, k, v: its backward is their difference."""
     def attn(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-    fwd = jax.jit(attn)
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), (0, 1, 2)))
-    return 1e3 * (time_call(grad, q, k, v, repeats=FLAGS.repeats)
-                  - time_call(fwd, q, k, v, repeats=FLAGS.repeats))
+    return jax.jit(attn), grad
 
 
 def main(argv):
@@ -67,13 +69,17 @@ def main(argv):
             out, lse = jax.jit(lambda q, k, v: attention_fwd(q, k, v, is_causal=causal,
                                                              scale=None))(q, k, v)
             row = dict(seq=seq, batch=batch, hq=hq, hkv=hkv, causal=causal, results={})
-            ms = cudnn_bwd_ms(q, k, v, causal)
-            row["results"]["cudnn"] = dict(ms=ms, tflops=flops / ms / 1e9)
-            for name in names:
-                fn = jax.jit(lambda *a, cfg=CONFIGS[name]: attention_bwd(
-                    *a, is_causal=causal, scale=None, **cfg))
-                row["results"][name] = tflops_or_error(fn, q, k, v, out, lse, d_out, flops=flops,
-                                                       repeats=FLAGS.repeats)
+            jobs = [(fn, (q, k, v), 10) for fn in cudnn_fwd_and_grad(causal)]
+            jobs += [(jax.jit(lambda *a, cfg=CONFIGS[name]: attention_bwd(
+                *a, is_causal=causal, scale=None, **cfg)), (q, k, v, out, lse, d_out), 10)
+                     for name in names]
+            cudnn_fwd, cudnn_grad, *timings = time_interleaved(jobs, repeats=FLAGS.repeats)
+            cudnn = (dict(ms=cudnn_grad["ms"] - cudnn_fwd["ms"])
+                     if "ms" in cudnn_fwd and "ms" in cudnn_grad else
+                     dict(error=cudnn_fwd.get("error") or cudnn_grad.get("error")))
+            row["results"]["cudnn"] = with_tflops(cudnn, flops)
+            for name, res in zip(names, timings):
+                row["results"][name] = with_tflops(res, flops)
             rows.append(row)
             print(format_vs_cudnn(row), flush=True)
     write_sweep(FLAGS.out, rows, repeats=FLAGS.repeats, configs={n: CONFIGS[n] for n in names})

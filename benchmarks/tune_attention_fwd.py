@@ -4,7 +4,8 @@
 
 Times ``attention_fwd`` for every configuration in ``CONFIGS`` and every cell (S x Hq:Hkv x mask,
 batch = tokens // S), beside cuDNN and tokamax (when its wheels are carried: see
-`benchmarks/attention.py`). TF/s counts 4*B*S^2*Hq*d, halved when causal. Prints one line per cell,
+`benchmarks/attention.py`), all of a cell's in interleaved rounds (`time_interleaved`). TF/s counts
+4*B*S^2*Hq*d, halved when causal. Prints one line per cell,
 each configuration as TF/s and its ratio to cuDNN; the best configuration per cell is what
 ``attention_fwd``'s defaults should be.
 """
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks.peers import peers
-from benchmarks.timing import format_vs_cudnn, tflops_or_error, write_sweep
+from benchmarks.timing import format_vs_cudnn, time_interleaved, with_tflops, write_sweep
 from ccajax.pallas.attention_fwd_sm90 import attention_fwd
 
 flags.DEFINE_string("out", "benchmarks/results/tune_attention_fwd.json", "JSON output path.")
@@ -25,7 +26,8 @@ flags.DEFINE_integer("tokens", 16384, "Batch is max(1, tokens // S).")
 flags.DEFINE_list("heads", ["16:16", "8:2", "4:4"], "Hq:Hkv pairs.")
 flags.DEFINE_list("masks", ["full", "causal"], "full and/or causal.")
 flags.DEFINE_list("configs", None, "Names from CONFIGS (default: all).")
-flags.DEFINE_integer("repeats", 5, "Median of this many repeats of ten calls per sync.")
+flags.DEFINE_integer("repeats", 5, "Median of this many interleaved rounds of ten calls per "
+                     "sync.")
 FLAGS = flags.FLAGS
 HEAD_DIM = 128
 
@@ -64,9 +66,10 @@ def main(argv):
                         for p in peer_names}
                 runs.update({n: jax.jit(lambda q, k, v, cfg=CONFIGS[n]: attention_fwd(
                     q, k, v, is_causal=causal, scale=None, **cfg)[0]) for n in names})
-                for name, fn in runs.items():
-                    row["results"][name] = tflops_or_error(fn, q, k, v, flops=flops,
-                                                           repeats=FLAGS.repeats)
+                timings = time_interleaved([(fn, (q, k, v), 10) for fn in runs.values()],
+                                           repeats=FLAGS.repeats)
+                row["results"] = {name: with_tflops(res, flops)
+                                  for name, res in zip(runs, timings)}
                 rows.append(row)
                 print(format_vs_cudnn(row), flush=True)
     write_sweep(FLAGS.out, rows, repeats=FLAGS.repeats, configs={n: CONFIGS[n] for n in names},

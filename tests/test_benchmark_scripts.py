@@ -49,6 +49,33 @@ def test_layer_sweep_interleaves_and_records_errors(tmp_path):
         assert ("fwdbwd" in cudnn) == (row["method"] == "MHA 16:16")
 
 
+def test_time_interleaved_takes_the_jobs_in_turn_and_records_errors():
+    """Each round takes every job once (its warm-up call, then its sync of calls); a job that
+    raises is recorded and left out of the later rounds."""
+    import jax.numpy as jnp
+
+    from benchmarks.timing import time_interleaved, with_tflops
+    calls = []
+
+    def job(name):
+        def fn(x):
+            calls.append(name)
+            if name == "broken":
+                raise ValueError("no kernel")
+            return x
+        return fn
+
+    x = (jnp.zeros(()),)
+    res = time_interleaved([(job("a"), x, 2), (job("broken"), x, 2), (job("b"), x, 3)],
+                           repeats=2, warmup=1)
+    assert calls == ["a"] * 3 + ["broken"] + ["b"] * 4 + (["a"] * 3 + ["b"] * 4) * 2
+    assert res[1] == {"error": "ValueError: no kernel"}
+    for r in (res[0], res[2]):
+        assert len(r["round_ms"]) == 2 and r["ms"] > 0
+    assert with_tflops(res[0], 2e9)["tflops"] == 2e9 / res[0]["ms"] / 1e9
+    assert with_tflops(res[1], 2e9) == res[1]
+
+
 def _layer_run(path, rows):
     """A layers.py result with rows (method, causal, seq, fwd ms, fwd+bwd ms)."""
     path.write_text(json.dumps(dict(device="test", date="d", command="c", rows=[

@@ -160,7 +160,8 @@ def _clamp_block(block: int, seq: int) -> int:
 def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | None,
                   segment_ids=None, dq_block_q: int = 128, dq_block_kv: int | None = None,
                   dkv_block_q: int = 64, dkv_block_kv: int = 128, stages: int = 2,
-                  register_operands: bool | None = None, fused_dq: bool | None = None):
+                  register_operands: bool | None = None, fused_dq: bool | None = None,
+                  auto_barriers: bool = False):
     """Flash-attention backward on Hopper; see the module docstring for the kernel layout.
 
     Args:
@@ -190,6 +191,10 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
         has no TMA reduction: there True stands in a read-add-write, exact only because
         interpreted CTAs run one after another (its race detector reports it when two CTAs
         add to the same rows).
+      auto_barriers: let Pallas put a warpgroup barrier around every shared-memory load, store
+        and copy it lowers (True), or not (False: ``unsafe_no_auto_barriers``; every store
+        that a TMA or wgmma reads is fenced by ``commit_smem``, which syncs the warpgroup, and
+        a staging tile is rewritten only after ``wait_smem_to_gmem``, which does too).
     Returns:
       (dq, dk, dv) with the shapes and dtype of q, k, v.
     Raises:
@@ -249,7 +254,8 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
         segment_ids = segment_ids.astype(jnp.int32)
     return _attention_bwd(q, k, v, out, lse, d_out, segment_ids, is_causal=is_causal,
                           scale=scale, dq_blocks=dq_blocks, dkv_blocks=dkv_blocks, stages=stages,
-                          register=bool(register_operands), fused_dq=fused_dq)
+                          register=bool(register_operands), fused_dq=fused_dq,
+                          auto_barriers=bool(auto_barriers))
 
 
 def _check_residuals(q, out, lse, d_out) -> None:
@@ -284,6 +290,7 @@ class _Problem:
     has_segments: bool
     register: bool
     fused_dq: bool
+    auto_barriers: bool
 
     @property
     def group(self) -> int:
@@ -295,15 +302,21 @@ class _Problem:
         return self.seq_k - self.seq_q
 
     @property
+    def compiler_params(self):
+        return plgpu.CompilerParams(approx_math=True,
+                                    unsafe_no_auto_barriers=not self.auto_barriers)
+
+    @property
     def score_mult(self) -> float:
         """Scores in log2 units: s = (q . k) * scale * log2(e), so probabilities use exp2."""
         return self.scale * LOG2E
 
 
 @functools.partial(jax.jit, static_argnames=("is_causal", "scale", "dq_blocks", "dkv_blocks",
-                                             "stages", "register", "fused_dq"))
+                                             "stages", "register", "fused_dq",
+                                             "auto_barriers"))
 def _attention_bwd(q, k, v, out, lse, d_out, segment_ids, *, is_causal, scale, dq_blocks,
-                   dkv_blocks, stages, register, fused_dq):
+                   dkv_blocks, stages, register, fused_dq, auto_barriers):
     batch, seq_q, num_q_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
     # One padding serves the kernels that run (every block size is 64 or 128); with fused_dq the
@@ -313,7 +326,7 @@ def _attention_bwd(q, k, v, out, lse, d_out, segment_ids, *, is_causal, scale, d
     seq_k_pad = round_up(seq_k, max(b[1] for b in blocks))
     prob = _Problem(batch, seq_q, seq_k, seq_q_pad, seq_k_pad, num_q_heads, num_kv_heads,
                     head_dim, q.dtype, is_causal, scale, segment_ids is not None, register,
-                    fused_dq)
+                    fused_dq, auto_barriers)
 
     # --- jnp pre-pass: delta, lse in log2 units with "no key" rows -> +inf, padding ---------
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
@@ -504,7 +517,7 @@ def _dq_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
         grid_names=("heads", "q_blocks", "batch"),
         num_threads=wgs + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=p.compiler_params,
     )
 
 
@@ -767,5 +780,5 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
         grid_names=("heads", "kv_blocks", "batch"),
         num_threads=wgs + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=p.compiler_params,
     )
