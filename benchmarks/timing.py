@@ -52,6 +52,16 @@ def time_interleaved(jobs, *, repeats: int, warmup: int = 1) -> list[dict]:
             for i, times in enumerate(samples)]
 
 
+def paired_speedup(result: dict, baseline: dict) -> dict | None:
+    """How much faster ``result`` ran than ``baseline`` (`time_interleaved` results of one
+    call) round by round: baseline ms / result ms per round, whose drift the two shared.
+    ``{"median", "min", "max"}``, or None if either has no rounds."""
+    if "round_ms" not in result or "round_ms" not in baseline:
+        return None
+    ratios = [b / r for r, b in zip(result["round_ms"], baseline["round_ms"])]
+    return dict(median=statistics.median(ratios), min=min(ratios), max=max(ratios))
+
+
 def with_tflops(result: dict, flops: float) -> dict:
     """A `time_interleaved` result with "tflops" added (none for an error)."""
     return dict(result, tflops=flops / result["ms"] / 1e9) if "ms" in result else result

@@ -76,6 +76,13 @@ def test_time_interleaved_takes_the_jobs_in_turn_and_records_errors():
     assert with_tflops(res[1], 2e9) == res[1]
 
 
+def test_paired_speedup_compares_round_by_round():
+    from benchmarks.timing import paired_speedup
+    ours, peer = dict(round_ms=[1.0, 2.0, 1.0]), dict(round_ms=[1.1, 2.4, 0.9])
+    assert paired_speedup(ours, peer) == dict(median=1.1, min=0.9, max=1.2)
+    assert paired_speedup(ours, dict(error="no kernel")) is None
+
+
 def _layer_run(path, rows):
     """A layers.py result with rows (method, causal, seq, fwd ms, fwd+bwd ms)."""
     path.write_text(json.dumps(dict(device="test", date="d", command="c", rows=[

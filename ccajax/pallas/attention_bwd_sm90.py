@@ -192,9 +192,11 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
         interpreted CTAs run one after another (its race detector reports it when two CTAs
         add to the same rows).
       auto_barriers: let Pallas put a warpgroup barrier around every shared-memory load, store
-        and copy it lowers (True), or not (False: ``unsafe_no_auto_barriers``; every store
-        that a TMA or wgmma reads is fenced by ``commit_smem``, which syncs the warpgroup, and
-        a staging tile is rewritten only after ``wait_smem_to_gmem``, which does too).
+        and copy it lowers (True), or not (False, the default: ``unsafe_no_auto_barriers``, as
+        the forward; every store that a TMA or wgmma reads is fenced by ``commit_smem``, which
+        syncs the warpgroup, and a staging tile is rewritten only after ``wait_smem_to_gmem``,
+        which does too). Measured on an H200 (3 processes, 24 cells at 4k and 16k): +1.4%
+        backward TF/s on average, -1.9% to +8.6%; 16k 8:2 non-causal +3 to +9% in each run.
     Returns:
       (dq, dk, dv) with the shapes and dtype of q, k, v.
     Raises:
