@@ -116,13 +116,23 @@ def test_other_barrier_orders(rng, options, is_causal):
            block_kv=64, **options)
 
 
-@pytest.mark.parametrize("grid", [dict(persistent=False), dict(num_ctas=3), dict(num_ctas=1)],
-                         ids=["per-tile-grid", "3-ctas", "1-cta"])
+@pytest.mark.parametrize("grid", [
+    dict(persistent=False), dict(num_ctas=3), dict(num_ctas=1),
+    dict(num_ctas=5, prefetch_q=True), dict(num_ctas=1, prefetch_q=True)],
+    ids=["per-tile-grid", "3-ctas", "1-cta", "5-ctas-prefetch-q", "1-cta-prefetch-q"])
 def test_non_causal_grids(rng, grid):
     """The per-tile grid, and persistent CTAs with an uneven share of the 2 x 2 x 3 tiles (one
-    ring across a CTA's tiles; 1 CTA runs all 12)."""
+    ring across a CTA's tiles; 1 CTA runs all 12), also loading each next tile's q early (the
+    next tile crosses query blocks, heads and batch rows)."""
     _check(*_inputs(rng, jnp.bfloat16, 2, 300, 200, 2, 1, 64), is_causal=False, block_kv=64,
            segment_ids=None, **grid)
+
+
+def test_prefetched_q_with_segment_ids(rng):
+    """The next tile's query ids travel with its q rows into the other q tile."""
+    seg = jnp.asarray(_packed_segment_ids(rng, 2, 192, 70))
+    _check(*_inputs(rng, jnp.float16, 2, 192, 192, 2, 2, 64), is_causal=False, block_kv=64,
+           segment_ids=seg, num_ctas=2, prefetch_q=True)
 
 
 @pytest.mark.parametrize("lagging", [0, 1, 2], ids=["wg0-lags", "wg1-lags", "producer-lags"])
@@ -134,6 +144,15 @@ def test_persistent_tiles_with_a_lagging_warpgroup(rng, lag_warpgroup, lagging):
     lag_warpgroup(lagging)
     _check(*_inputs(rng, jnp.bfloat16, 1, 128, 128, 2, 1, 64), is_causal=False, block_kv=64,
            num_ctas=1)
+
+
+@pytest.mark.parametrize("lagging", [0, 1], ids=["wg0-lags", "wg1-lags"])
+def test_prefetched_q_with_a_lagging_warpgroup(rng, lag_warpgroup, lagging):
+    """One CTA walks 4 tiles loading each next q early while one compute warpgroup is slowed:
+    a q tile is reloaded only after its output store has read it."""
+    lag_warpgroup(lagging)
+    _check(*_inputs(rng, jnp.bfloat16, 1, 192, 128, 2, 1, 64), is_causal=False, block_kv=64,
+           block_q=128, num_ctas=1, prefetch_q=True)
 
 
 def test_causal_rows_without_keys_give_zero_and_minus_inf(rng):
@@ -282,6 +301,7 @@ GPU_CONFIGS = {
     # 8 CTAs over 128 tiles (non-causal): each CTA walks 16 tiles, alternating its turn
     # barriers; with 132 CTAs this shape gives every CTA at most one tile.
     "persistent-8-ctas": dict(num_ctas=8),
+    "persistent-8-ctas-prefetch-q": dict(num_ctas=8, prefetch_q=True),
     # The defaults use hardware named barriers and no automatic warpgroup barriers; the
     # mbarrier path (the interpreter's) compiled, with and without them.
     "mbarriers": dict(named_barriers=False),
@@ -313,9 +333,10 @@ def test_compiled_on_gpu(rng, config, is_causal, segments):
                                atol=LSE_TOL, rtol=LSE_TOL)
 
 
+@pytest.mark.parametrize("options", [{}, dict(prefetch_q=True)], ids=["default", "prefetch-q"])
 @pytest.mark.parametrize("segments", [False, True], ids=["nosegs", "segs"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
-def test_lowers_for_the_gpu(is_causal, segments):
+def test_lowers_for_the_gpu(is_causal, segments, options):
     """Mosaic's lowering of the GPU build (register P, 8:2, d=128) on a CPU-only jaxlib: it
     rejects what the interpreter accepts, e.g. a constant loop bound inside a wgmma's `run_state`
     body (static kv step counts: no causal mask)."""
@@ -325,6 +346,6 @@ def test_lowers_for_the_gpu(is_causal, segments):
 
     def forward(q, k, v, ids):
         return attention_fwd(q, k, v, is_causal=is_causal, scale=None, segment_ids=ids,
-                             register_p=True)
+                             register_p=True, **options)
 
     jax.jit(forward).trace(q, k, k, ids).lower(lowering_platforms=("cuda",))

@@ -21,7 +21,8 @@ Kernel layout
   Non-causal with Sk <= ``PERSISTENT_MAX_SEQ_K`` (or ``persistent=True``): a persistent grid of
   one CTA per SM instead; CTA c takes tiles c, c + num_ctas, ... in (batch, head, q block)
   order, q block fastest, and its producer keeps one k/v ring across its tiles, so the next
-  tile's first loads overlap the current tile's tail and epilogue.
+  tile's first loads overlap the current tile's tail and epilogue (with ``prefetch_q`` each
+  compute warpgroup also loads its next tile's q rows into a second q tile meanwhile).
 * Producer warpgroup (registers lowered to 40): issues the TMA copies of k and v (and of the kv
   segment ids, on k's barrier) into a ``kv_stages``-slot ring; before refilling a slot it waits
   on that slot's "consumed" barriers (one arrival per compute warpgroup), separately for k and v.
@@ -114,7 +115,8 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
                   kv_stages: int = 2, register_p: bool | None = None, pingpong: bool = True,
                   early_k_wait: bool = True, oneway_pingpong: bool = True,
                   persistent: bool | None = None, num_ctas: int | None = None,
-                  named_barriers: bool | None = None, auto_barriers: bool = False):
+                  named_barriers: bool | None = None, auto_barriers: bool = False,
+                  prefetch_q: bool = False):
     """Flash-attention forward on Hopper; see the module docstring for the kernel layout.
 
     Args:
@@ -159,6 +161,10 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
         store and copy it lowers (False, the default: ``unsafe_no_auto_barriers``, as
         tokamax's kernel; the stores this kernel makes are fenced by ``commit_smem``, which
         syncs the warpgroup, before a TMA reads them).
+      prefetch_q: persistent grid only: give each compute warpgroup two q tiles and load its
+        next tile's q rows while the current tile runs (tokamax loads it during the epilogue),
+        instead of at the start of each tile; 32 KiB more shared memory (too much with 3 kv
+        stages of 128-key tiles). Ignored by the per-tile grid. Not timed on a GPU yet.
     Returns:
       (out, lse): out (B, Sq, Hq, d) in q's dtype; lse (B, Hq, Sq) float32, natural-log
       log-sum-exp of the scaled scores, -inf for rows that see no key (their out is 0).
@@ -202,16 +208,18 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
                           pingpong=bool(pingpong), early_k_wait=bool(early_k_wait),
                           oneway_pingpong=bool(oneway_pingpong),
                           num_ctas=num_ctas if persistent else None,
-                          named_barriers=named_barriers, auto_barriers=bool(auto_barriers))
+                          named_barriers=named_barriers, auto_barriers=bool(auto_barriers),
+                          prefetch_q=bool(prefetch_q and persistent))
 
 
 @functools.partial(jax.jit, static_argnames=("is_causal", "scale", "block_q", "block_kv",
                                              "compute_wgs", "kv_stages", "register_p",
                                              "pingpong", "early_k_wait", "oneway_pingpong",
-                                             "num_ctas", "named_barriers", "auto_barriers"))
+                                             "num_ctas", "named_barriers", "auto_barriers",
+                                             "prefetch_q"))
 def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv, compute_wgs,
                    kv_stages, register_p, pingpong, early_k_wait, oneway_pingpong,
-                   num_ctas, named_barriers, auto_barriers):
+                   num_ctas, named_barriers, auto_barriers, prefetch_q):
     batch, seq_q, num_q_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
@@ -288,10 +296,24 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             else:
                 plgpu.barrier_wait(schedule_barrier.at[2 * turn_set + wg])
 
-        def tile(q_head, q_block, b, step0, turn_set=0):
+        def load_q(q_head, q_block, b, q_buf):
+            """TMA-copy this warpgroup's rows of a tile's q (and their segment ids) into q
+            tile ``q_buf`` (0, or 1 with prefetch_q) of the warpgroup."""
+            q_start = q_block * block_q + wg * wg_rows
+            slot = q_buf * compute_wgs + wg
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, wg_rows), q_head], q_smem.at[slot],
+                                    q_barriers.at[slot])
+            if has_segments:  # shares the q barrier (2 arrivals)
+                plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(q_start, wg_rows)],
+                                        seg_q_smem.at[slot], q_barriers.at[slot])
+
+        def tile(q_head, q_block, b, step0, turn_set=0, q_buf=0, prefetch=None):
             """One (query head, query block, batch) tile. Its kv steps take ring positions
             step0, step0 + 1, ... (persistent CTAs keep one ring across their tiles); its
-            one-way ping-pong uses the turn barriers of ``turn_set`` (0 or 1)."""
+            one-way ping-pong uses the turn barriers of ``turn_set`` (0 or 1). Its q rows are in
+            q tile ``q_buf``; with ``prefetch`` = (is first tile, has next, next tile's
+            (q_head, q_block, b)) a warpgroup loads its q rows there only on its first tile and
+            loads the next tile's into the other q tile once its own have arrived."""
             kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
             cta_q_start = q_block * block_q
             cta_steps, _ = kv_range(cta_q_start, block_q)
@@ -323,16 +345,22 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             def _consumer():
                 q_start = cta_q_start + wg * wg_rows
                 kv_steps, unmasked_steps = kv_range(q_start, wg_rows)
-                wg_q_smem = q_smem.at[wg]
-                plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, wg_rows), q_head], wg_q_smem,
-                                        q_barriers.at[wg])
-                if has_segments:  # shares the q barrier (2 arrivals)
-                    plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(q_start, wg_rows)],
-                                            seg_q_smem.at[wg], q_barriers.at[wg])
-                plgpu.barrier_wait(q_barriers.at[wg])
+                q_slot = q_buf * compute_wgs + wg
+                wg_q_smem = q_smem.at[q_slot]
+                if prefetch is None:
+                    load_q(q_head, q_block, b, q_buf)
+                else:
+                    first, has_next, next_tile = prefetch
+                    pl.when(first)(lambda: load_q(q_head, q_block, b, q_buf))
+                plgpu.barrier_wait(q_barriers.at[q_slot])
+                if prefetch is not None:
+                    # The other q tile staged the previous tile's output, whose store this
+                    # warpgroup awaited (read-only) at that tile's end.
+                    pl.when(has_next)(lambda: load_q(*next_tile, 1 - q_buf))
                 row_ids = None
                 if has_segments:
-                    row_ids = plgpu.load(seg_q_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                    row_ids = plgpu.load(seg_q_smem.at[q_slot],
+                                         layout=plgpu.Layout.WGMMA.reduce(1))
                     row_ids = lax.broadcast_in_dim(row_ids, (wg_rows, block_kv), [0])
 
                 if oneway:
@@ -464,17 +492,29 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             # ring position i * num_kv_blocks. Tiles go to CTAs round-robin, query block
             # fastest, so that the CTAs in flight share a few heads' k/v in L2.
             grid = (batch, num_q_heads, num_q_blocks)
+            num_tiles = batch * num_q_heads * num_q_blocks
 
             @plgpu.nd_loop(grid, collective_axes="ctas")
             def _tiles(info):
                 b, q_head, q_block = info.index
-                tile(q_head, q_block, b, info.local_index * num_kv_blocks,
-                     turn_set=lax.rem(info.local_index, jnp.int32(2)))
+                parity = lax.rem(info.local_index, jnp.int32(2))
+                prefetch = None
+                if prefetch_q:
+                    # nd_loop's tile t of CTA c is (b, head, q block) number t * num_ctas + c.
+                    after = info.local_index * num_ctas + lax.axis_index("ctas") + num_ctas
+                    next_tile = (lax.rem(lax.div(after, jnp.int32(num_q_blocks)),
+                                         jnp.int32(num_q_heads)),
+                                 lax.rem(after, jnp.int32(num_q_blocks)),
+                                 lax.div(after, jnp.int32(num_q_blocks * num_q_heads)))
+                    prefetch = (info.local_index == 0, after < num_tiles, next_tile)
+                tile(q_head, q_block, b, info.local_index * num_kv_blocks, turn_set=parity,
+                     q_buf=parity if prefetch_q else 0, prefetch=prefetch)
 
             @pl.when(wg == compute_wgs)
             def _drain():
-                cta, tiles = lax.axis_index("ctas"), batch * num_q_heads * num_q_blocks
-                my_tiles = jnp.maximum(lax.div(tiles - cta + num_ctas - 1, jnp.int32(num_ctas)), 0)
+                cta = lax.axis_index("ctas")
+                my_tiles = jnp.maximum(
+                    lax.div(num_tiles - cta + num_ctas - 1, jnp.int32(num_ctas)), 0)
                 ring_drain(copies=((None, k_consumed), (None, v_consumed)),
                            steps=my_tiles * num_kv_blocks, stages=stages)
         else:
@@ -486,16 +526,19 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
 
     transforms = tile_transforms()
     tx_arrivals = 2 if has_segments else 1  # a second TMA copy (the ids) per barrier
+    q_tiles = 2 if prefetch_q else 1  # q tiles per compute warpgroup
     scratch = dict(
-        q_smem=plgpu.SMEM((compute_wgs, wg_rows, head_dim), dtype, transforms=transforms),
+        q_smem=plgpu.SMEM((q_tiles * compute_wgs, wg_rows, head_dim), dtype,
+                          transforms=transforms),
         k_smem=plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
         v_smem=plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
         p_smem=(None if register_p else
                 plgpu.SMEM((compute_wgs, wg_rows, block_kv), dtype, transforms=transforms)),
         lse_smem=plgpu.SMEM((compute_wgs, wg_rows), jnp.float32),
-        seg_q_smem=plgpu.SMEM((compute_wgs, wg_rows), jnp.int32) if has_segments else None,
+        seg_q_smem=(plgpu.SMEM((q_tiles * compute_wgs, wg_rows), jnp.int32) if has_segments
+                    else None),
         seg_kv_smem=plgpu.SMEM((stages, block_kv), jnp.int32) if has_segments else None,
-        q_barriers=plgpu.Barrier(num_arrivals=tx_arrivals, num_barriers=compute_wgs),
+        q_barriers=plgpu.Barrier(num_arrivals=tx_arrivals, num_barriers=q_tiles * compute_wgs),
         k_barriers=plgpu.Barrier(num_arrivals=tx_arrivals, num_barriers=stages),
         v_barriers=plgpu.Barrier(num_barriers=stages),
         k_consumed=(None if named_barriers else
