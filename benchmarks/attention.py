@@ -7,11 +7,11 @@ Cells: Hq:Hkv 16:16, 8:2, 4:4 at d=128, S = 1k (B=16), 4k (B=4), 16k and 32k (B=
 bf16, forward and forward+backward, timed as `../shared/ANCHORS.md` says, every implementation of a
 cell in interleaved rounds (`benchmarks/timing.py`'s `time_interleaved`).
 TF/s counts attention matmul FLOPs only: 4*B*S^2*Hq*d, halved when causal; fwd+bwd is 3.5x that.
-Each cell also records ours against cuDNN (max |diff| of the forward outputs), and ours' speed-up over
-the fastest other peer round by round (``ours_vs_best_peer``: median and range of the paired
-ratios; on a shared H200 single rounds moved 5-15% on 2026-12-02, so a cell is decided only when
-the range clears 1). tokamax runs when it
-is importable (carry its wheels); otherwise the reason is printed and recorded.
+Each cell also records ours against cuDNN (max |diff| of the forward outputs), and ours' speed-up
+over the fastest other peer round by round (``ours_vs_best_peer``: median and range of the paired
+ratios; single rounds on an H200 moved 5-15% against each other on 2026-12-02, so a cell is
+decided only when the whole range clears 1). tokamax runs when it is importable (carry its
+wheels); otherwise the reason is printed and recorded.
 """
 
 from __future__ import annotations

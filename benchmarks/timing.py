@@ -34,7 +34,7 @@ def time_interleaved(jobs, *, repeats: int, warmup: int = 1) -> list[dict]:
 
     Returns per job ``{"ms": median ms per call, "round_ms": each round's}``, or ``{"error"}``
     for a job that raised (it is left out of the later rounds)."""
-    samples: list[list[float] | None] = [[] for _ in jobs]
+    samples: list[list[float]] = [[] for _ in jobs]
     errors: dict[int, str] = {}
     for round_ in range(repeats + 1):  # round 0 warms up
         for i, (fn, args, calls) in enumerate(jobs):

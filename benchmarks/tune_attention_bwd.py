@@ -4,9 +4,10 @@
 
 Times ``attention_bwd`` alone (q, k, v, out, lse, d_out precomputed by our forward) for every
 configuration in ``CONFIGS`` and every cell (Hq:Hkv x causal at one S), and cuDNN's backward as
-its fwd+bwd minus its fwd, all of a cell's in interleaved rounds (`time_interleaved`). TF/s counts the backward's matmul FLOPs: 2.5 x 4*B*S^2*Hq*d (halved when
-causal). Prints one line per cell with ours/cuDNN per configuration; the best configuration per
-cell is what ``attention_bwd``'s defaults should be.
+its fwd+bwd minus its fwd, all of a cell's in interleaved rounds (`time_interleaved`). TF/s counts
+the backward's matmul FLOPs: 2.5 x 4*B*S^2*Hq*d (halved when causal). Prints one line per cell with
+ours/cuDNN per configuration; the best configuration per cell is what ``attention_bwd``'s defaults
+should be.
 """
 
 from __future__ import annotations

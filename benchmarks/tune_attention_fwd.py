@@ -5,9 +5,8 @@
 Times ``attention_fwd`` for every configuration in ``CONFIGS`` and every cell (S x Hq:Hkv x mask,
 batch = tokens // S), beside cuDNN and tokamax (when its wheels are carried: see
 `benchmarks/attention.py`), all of a cell's in interleaved rounds (`time_interleaved`). TF/s counts
-4*B*S^2*Hq*d, halved when causal. Prints one line per cell,
-each configuration as TF/s and its ratio to cuDNN; the best configuration per cell is what
-``attention_fwd``'s defaults should be.
+4*B*S^2*Hq*d, halved when causal. Prints one line per cell, each configuration as TF/s and its ratio
+to cuDNN; the best configuration per cell is what ``attention_fwd``'s defaults should be.
 """
 
 from __future__ import annotations
