@@ -264,7 +264,10 @@ def plot(runs: dict, path: str, tokens_per_step: int) -> None:
                     label=f"{e['label']} (seed {e['seed']})" if every_seed else e["label"])
         ax.set(title=title, xlabel="training tokens (M)", ylabel="validation loss (nats/byte)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:  # none of this panel's runs has finished yet
+            ax.text(0.5, 0.5, "no finished runs yet", transform=ax.transAxes, ha="center")
     lo = min((r["val_loss"] for e in ok.values() for r in e["metrics"] if "val_loss" in r),
              default=1.0)
     for ax in axes:
