@@ -145,11 +145,10 @@ def interleaved(jobs) -> None:
     with itself, ANCHORS.md's "after warm-up", not its first call after another method's).
     Each result gets "ms", its median over the rounds, and "round_ms", every round's time (or
     "error"), and loses "fn"."""
-    live = [res for res, _ in jobs if "error" not in res]
-    timings = time_interleaved([(res["fn"], args, res["calls_per_sync"])
-                                for res, args in jobs if "error" not in res],
+    live = [(res, args) for res, args in jobs if "error" not in res]
+    timings = time_interleaved([(res["fn"], args, res["calls_per_sync"]) for res, args in live],
                                repeats=FLAGS.repeats, warmup=FLAGS.round_warmup)
-    for res, timing in zip(live, timings):
+    for (res, _), timing in zip(live, timings):
         res.pop("fn")
         res.update(timing)
 
