@@ -35,9 +35,10 @@ CONFIGS = {
     "late_k": dict(early_k_wait=False),  # the k wait at the top of each step
     "rendezvous": dict(oneway_pingpong=False),  # both warpgroups meet twice per step (mbarriers)
     "per_tile_grid": dict(persistent=False),  # one CTA per tile
-    "persistent_grid": dict(persistent=True),  # non-causal only (an error for causal cells)
+    "persistent_grid": dict(persistent=True),  # causal: longest tiles first, snake rounds
     # Persistent grid (non-causal Sk <= 4096 by default): each next tile's q loaded early.
     "prefetch_q": dict(prefetch_q=True),
+    "persistent_prefetch_q": dict(persistent=True, prefetch_q=True),
     "stages3": dict(kv_stages=3),
     # Before 2026-12-01 (session 12): mbarriers for turns and slots, Pallas' warpgroup syncs.
     "mbarriers_auto": dict(named_barriers=False, auto_barriers=True),

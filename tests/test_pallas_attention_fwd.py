@@ -18,7 +18,7 @@ from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_in
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.attention import attention_mask, reference_attention
-from ccajax.pallas.attention_fwd_sm90 import attention_fwd
+from ccajax.pallas.attention_fwd_sm90 import attention_fwd, persistent_tiles
 from error_inputs import zero_inputs
 
 # Measured worst max-abs errors in interpret mode over this file's shapes x 3 seeds (inputs
@@ -116,16 +116,46 @@ def test_other_barrier_orders(rng, options, is_causal):
            block_kv=64, **options)
 
 
-@pytest.mark.parametrize("grid", [
-    dict(persistent=False), dict(num_ctas=3), dict(num_ctas=1),
-    dict(num_ctas=5, prefetch_q=True), dict(num_ctas=1, prefetch_q=True)],
-    ids=["per-tile-grid", "3-ctas", "1-cta", "5-ctas-prefetch-q", "1-cta-prefetch-q"])
-def test_non_causal_grids(rng, grid):
+PERSISTENT_GRIDS = {"3-ctas": dict(num_ctas=3), "1-cta": dict(num_ctas=1),
+                    "5-ctas-prefetch-q": dict(num_ctas=5, prefetch_q=True),
+                    "1-cta-prefetch-q": dict(num_ctas=1, prefetch_q=True)}
+# (grid options, is_causal); the per-tile causal grid is the default of the tests above.
+GRIDS = {"per-tile-grid-full": (dict(persistent=False), False),
+         **{f"{name}-{mask}": (dict(persistent=True, **grid), mask == "causal")
+            for name, grid in PERSISTENT_GRIDS.items() for mask in ("full", "causal")}}
+
+
+@pytest.mark.parametrize("grid, is_causal", list(GRIDS.values()), ids=list(GRIDS))
+def test_grids(rng, grid, is_causal):
     """The per-tile grid, and persistent CTAs with an uneven share of the 2 x 2 x 3 tiles (one
     ring across a CTA's tiles; 1 CTA runs all 12), also loading each next tile's q early (the
-    next tile crosses query blocks, heads and batch rows)."""
-    _check(*_inputs(rng, jnp.bfloat16, 2, 300, 200, 2, 1, 64), is_causal=False, block_kv=64,
-           segment_ids=None, **grid)
+    next tile crosses query blocks, heads and batch rows). Causal, Sq > Sk: the tiles differ in
+    length (the ring position carries over), and the first q block's sees no key (0 steps)."""
+    _check(*_inputs(rng, jnp.bfloat16, 2, 300, 200, 2, 1, 64), is_causal=is_causal,
+           block_kv=64, segment_ids=None, **grid)
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("batch, heads, q_blocks, ctas",
+                         [(1, 16, 128, 132), (4, 4, 32, 132), (2, 2, 3, 5), (1, 1, 2, 3)])
+def test_persistent_tiles_cover_every_tile_once(batch, heads, q_blocks, ctas, is_causal):
+    """Each (head, q block, batch) tile goes to exactly one CTA; causal: longest first, and the
+    CTAs' sums of tile lengths (q block + 1) stay within one round's spread of each other."""
+    seen, loads = [], []
+    for cta in range(ctas):
+        count, tile_at = persistent_tiles(jnp.int32(cta), num_ctas=ctas, batch=batch,
+                                          num_heads=heads, num_q_blocks=q_blocks,
+                                          is_causal=is_causal)
+        tiles = [tuple(int(x) for x in tile_at(jnp.int32(i))) for i in range(int(count))]
+        seen += tiles
+        loads.append(sum(q_block + 1 for _, q_block, _ in tiles))
+        if is_causal:
+            assert [q for _, q, _ in tiles] == sorted((q for _, q, _ in tiles), reverse=True)
+    assert sorted(seen) == [(h, q, b) for h in range(heads) for q in range(q_blocks)
+                            for b in range(batch)]
+    if is_causal:
+        spread = -(-ctas // (batch * heads)) + 1  # q blocks one round spans
+        assert max(loads) - min(loads) <= 2 * spread, loads
 
 
 def test_prefetched_q_with_segment_ids(rng):
@@ -144,6 +174,16 @@ def test_persistent_tiles_with_a_lagging_warpgroup(rng, lag_warpgroup, lagging):
     lag_warpgroup(lagging)
     _check(*_inputs(rng, jnp.bfloat16, 1, 128, 128, 2, 1, 64), is_causal=False, block_kv=64,
            num_ctas=1)
+
+
+@pytest.mark.parametrize("lagging", [0, 1, 2], ids=["wg0-lags", "wg1-lags", "producer-lags"])
+def test_causal_persistent_tiles_with_a_lagging_warpgroup(rng, lag_warpgroup, lagging):
+    """One CTA walks 3 causal tiles of 4, 2 and 0 kv steps while one warpgroup is slowed:
+    warpgroup 0 needs fewer steps than its CTA and flushes the rest of each tile's ring
+    positions, and the next tile's positions continue from there."""
+    lag_warpgroup(lagging)
+    _check(*_inputs(rng, jnp.bfloat16, 1, 384, 256, 1, 1, 64), is_causal=True, block_kv=64,
+           block_q=128, persistent=True, num_ctas=1)
 
 
 @pytest.mark.parametrize("lagging", [0, 1], ids=["wg0-lags", "wg1-lags"])
@@ -251,14 +291,13 @@ def _args(**over):
     (dict(segment_ids=jnp.zeros((1, 64), jnp.float32)),
      r"segment_ids must be an integer array; got segment_ids.dtype=float32"),
     (dict(compute_wgs=3), r"compute_wgs must be 1 or 2; got compute_wgs=3"),
-    (dict(is_causal=True, persistent=True), r"persistent=True needs is_causal=False"),
     (dict(num_ctas=0), r"num_ctas must be a positive int; got num_ctas=0"),
     (dict(named_barriers=True, oneway_pingpong=False),
      r"named_barriers=True needs oneway_pingpong=True"),
 ], ids=["f32", "mixed-dtypes", "d96", "hkv-not-dividing", "block_q96", "block_kv32",
         "k-v-shapes", "batch", "q-3d", "q-k-head-dim", "negative-scale",
         "segments-sq-ne-sk", "segments-shape", "segments-float", "compute-wgs3",
-        "persistent-causal", "num-ctas0", "named-rendezvous"])
+        "num-ctas0", "named-rendezvous"])
 def test_errors(over, match):
     arrays, kwargs = _args(**over)
     with pytest.raises(ValueError, match=match):
@@ -298,14 +337,14 @@ GPU_CONFIGS = {
     "late-k-wait": dict(early_k_wait=False),
     "rendezvous-pingpong": dict(oneway_pingpong=False),  # on mbarriers (named: one-way only)
     "per-tile-grid": dict(persistent=False),
-    # 8 CTAs over 128 tiles (non-causal): each CTA walks 16 tiles, alternating its turn
-    # barriers; with 132 CTAs this shape gives every CTA at most one tile.
-    "persistent-8-ctas": dict(num_ctas=8),
-    "persistent-8-ctas-prefetch-q": dict(num_ctas=8, prefetch_q=True),
+    # 8 CTAs over 128 tiles: each CTA walks 16 tiles, alternating its turn barriers; with 132
+    # CTAs this shape gives every CTA at most one tile.
+    "persistent-8-ctas": dict(persistent=True, num_ctas=8),
+    "persistent-8-ctas-prefetch-q": dict(persistent=True, num_ctas=8, prefetch_q=True),
     # The defaults use hardware named barriers and no automatic warpgroup barriers; the
     # mbarrier path (the interpreter's) compiled, with and without them.
     "mbarriers": dict(named_barriers=False),
-    "mbarriers-8-ctas": dict(named_barriers=False, num_ctas=8),
+    "mbarriers-8-ctas": dict(named_barriers=False, persistent=True, num_ctas=8),
     "mbarriers-auto-barriers": dict(named_barriers=False, auto_barriers=True),
     "auto-barriers": dict(auto_barriers=True),
 }
@@ -333,7 +372,8 @@ def test_compiled_on_gpu(rng, config, is_causal, segments):
                                atol=LSE_TOL, rtol=LSE_TOL)
 
 
-@pytest.mark.parametrize("options", [{}, dict(prefetch_q=True)], ids=["default", "prefetch-q"])
+@pytest.mark.parametrize("options", [{}, dict(persistent=True, prefetch_q=True)],
+                         ids=["default", "persistent-prefetch-q"])
 @pytest.mark.parametrize("segments", [False, True], ids=["nosegs", "segs"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_lowers_for_the_gpu(is_causal, segments, options):

@@ -19,10 +19,11 @@ Kernel layout
   head ``h // group`` directly from the un-repeated (B, Sk, Hkv, d) arrays (GQA without copies).
   Under causal masking the q-block index is reversed so the longest rows are scheduled first.
   Non-causal with Sk <= ``PERSISTENT_MAX_SEQ_K`` (or ``persistent=True``): a persistent grid of
-  one CTA per SM instead; CTA c takes tiles c, c + num_ctas, ... in (batch, head, q block)
-  order, q block fastest, and its producer keeps one k/v ring across its tiles, so the next
+  one CTA per SM instead, whose producer keeps one k/v ring across the CTA's tiles, so the next
   tile's first loads overlap the current tile's tail and epilogue (with ``prefetch_q`` each
-  compute warpgroup also loads its next tile's q rows into a second q tile meanwhile).
+  compute warpgroup also loads its next tile's q rows into a second q tile meanwhile). Tiles
+  are dealt out by :func:`persistent_tiles`: round-robin, q block fastest, when not causal;
+  causal, longest first in rounds of alternating direction.
 * Producer warpgroup (registers lowered to 40): issues the TMA copies of k and v (and of the kv
   segment ids, on k's barrier) into a ``kv_stages``-slot ring; before refilling a slot it waits
   on that slot's "consumed" barriers (one arrival per compute warpgroup), separately for k and v.
@@ -110,6 +111,39 @@ def _check_args(q, k, v, is_causal, scale, block_q, block_kv, segment_ids, compu
 PERSISTENT_MAX_SEQ_K = 4096
 
 
+def persistent_tiles(cta, *, num_ctas: int, batch: int, num_heads: int, num_q_blocks: int,
+                     is_causal: bool):
+    """The tiles CTA ``cta`` of a persistent grid walks: ``(count, tile_at)``, where
+    ``tile_at(i)`` is its i-th tile as (head, q block, batch) for ``0 <= i < count``.
+
+    Non-causal (equal tiles): round-robin over the (batch, head, q block) tiles, q block
+    fastest, so that the CTAs in flight share a few heads' k/v in L2. Causal (a tile's length
+    grows with its q block): the tiles go longest first, all (batch, head) pairs of one q block
+    together, dealt out in rounds of ``num_ctas`` whose direction alternates (CTA 0 takes the
+    longest tile of even rounds, the shortest of odd ones), so that the CTAs' sums of lengths
+    differ by about one round's spread rather than by one per round. Plain int32 arithmetic:
+    it runs inside the kernel and, for the tests, outside it."""
+    num_tiles = batch * num_heads * num_q_blocks
+    int32 = jnp.int32
+    if not is_causal:
+        def tile_at(i):
+            t = i * num_ctas + cta
+            return (lax.rem(lax.div(t, int32(num_q_blocks)), int32(num_heads)),
+                    lax.rem(t, int32(num_q_blocks)), lax.div(t, int32(num_q_blocks * num_heads)))
+        return jnp.maximum(lax.div(num_tiles - cta + num_ctas - 1, int32(num_ctas)), 0), tile_at
+
+    def tile_at(i):
+        position = jnp.where(lax.rem(i, int32(2)) == 0, cta, num_ctas - 1 - cta)
+        t = i * num_ctas + position
+        pair = lax.rem(t, int32(batch * num_heads))
+        return (lax.rem(pair, int32(num_heads)),
+                num_q_blocks - 1 - lax.div(t, int32(batch * num_heads)),
+                lax.div(pair, int32(num_heads)))
+    full_rounds, left = divmod(num_tiles, num_ctas)
+    last_position = cta if full_rounds % 2 == 0 else num_ctas - 1 - cta
+    return full_rounds + (last_position < left).astype(int32), tile_at
+
+
 def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=None,
                   block_q: int = 128, block_kv: int = 128, compute_wgs: int = 2,
                   kv_stages: int = 2, register_p: bool | None = None, pingpong: bool = True,
@@ -145,10 +179,10 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
         other's after issuing q k^T, wait on one's own before P v: one wait per step) instead
         of a shared barrier both meet at twice per step.
       persistent: launch ``num_ctas`` CTAs that each walk a share of the (batch, head, query
-        block) tiles, keeping one k/v ring across their tiles (the next tile's first k/v load
-        overlaps the current tile's last steps and epilogue). None: when not causal (causal
-        tiles differ in length; their grid runs the longest first instead) and Sk <=
-        ``PERSISTENT_MAX_SEQ_K`` (measured: faster for short tiles, not for long ones).
+        block) tiles (`persistent_tiles`), keeping one k/v ring across their tiles (the next
+        tile's first k/v load overlaps the current tile's last steps and epilogue). None: when
+        not causal and Sk <= ``PERSISTENT_MAX_SEQ_K`` (measured: faster for short tiles, not
+        for long ones); the causal per-tile grid runs the longest tiles first.
       num_ctas: CTAs of the persistent grid; None: the GPU's SM count (2 in interpret mode).
       named_barriers: hand the ping-pong turns and the consumed k/v slots over through
         hardware named barriers (``bar.arrive`` / ``bar.sync``: one instruction per warp)
@@ -187,9 +221,6 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
         check_interpret_threads(compute_wgs + 1)
     if persistent is None:
         persistent = not is_causal and k.shape[1] <= PERSISTENT_MAX_SEQ_K
-    if persistent and is_causal:
-        raise ValueError("persistent=True needs is_causal=False (a CTA's tiles must all have "
-                         "the same number of kv steps); use persistent=None or False")
     if persistent and num_ctas is None:
         num_ctas = 2 if in_interpret_mode() else sm_count()
     if persistent and (not isinstance(num_ctas, int) or num_ctas < 1):
@@ -317,6 +348,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
             cta_q_start = q_block * block_q
             cta_steps, _ = kv_range(cta_q_start, block_q)
+            next_step0 = step0 + cta_steps
 
             def ring_slot(step):
                 return lax.rem(step0 + step, jnp.int32(stages))
@@ -487,36 +519,26 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                 # The CTA may exit once the stores have read shared memory; they land regardless.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+            return next_step0
+
         if persistent:
-            # Non-causal: every tile has num_kv_blocks steps, so a CTA's i-th tile starts at
-            # ring position i * num_kv_blocks. Tiles go to CTAs round-robin, query block
-            # fastest, so that the CTAs in flight share a few heads' k/v in L2.
-            grid = (batch, num_q_heads, num_q_blocks)
-            num_tiles = batch * num_q_heads * num_q_blocks
+            # A CTA's i-th tile starts at the ring position where its (i-1)-th ended (the carry)
+            # and uses turn set i % 2.
+            count, tile_at = persistent_tiles(
+                lax.axis_index("ctas"), num_ctas=num_ctas, batch=batch, num_heads=num_q_heads,
+                num_q_blocks=num_q_blocks, is_causal=is_causal)
 
-            @plgpu.nd_loop(grid, collective_axes="ctas")
-            def _tiles(info):
-                b, q_head, q_block = info.index
-                parity = lax.rem(info.local_index, jnp.int32(2))
-                prefetch = None
-                if prefetch_q:
-                    # nd_loop's tile t of CTA c is (b, head, q block) number t * num_ctas + c.
-                    after = info.local_index * num_ctas + lax.axis_index("ctas") + num_ctas
-                    next_tile = (lax.rem(lax.div(after, jnp.int32(num_q_blocks)),
-                                         jnp.int32(num_q_heads)),
-                                 lax.rem(after, jnp.int32(num_q_blocks)),
-                                 lax.div(after, jnp.int32(num_q_blocks * num_q_heads)))
-                    prefetch = (info.local_index == 0, after < num_tiles, next_tile)
-                tile(q_head, q_block, b, info.local_index * num_kv_blocks, turn_set=parity,
-                     q_buf=parity if prefetch_q else 0, prefetch=prefetch)
+            def next_tile(i, step0):
+                q_head, q_block, b = tile_at(i)
+                parity = lax.rem(i, jnp.int32(2))
+                prefetch = (i == 0, i + 1 < count, tile_at(i + 1)) if prefetch_q else None
+                return tile(q_head, q_block, b, step0, turn_set=parity,
+                            q_buf=parity if prefetch_q else 0, prefetch=prefetch)
 
-            @pl.when(wg == compute_wgs)
-            def _drain():
-                cta = lax.axis_index("ctas")
-                my_tiles = jnp.maximum(
-                    lax.div(num_tiles - cta + num_ctas - 1, jnp.int32(num_ctas)), 0)
-                ring_drain(copies=((None, k_consumed), (None, v_consumed)),
-                           steps=my_tiles * num_kv_blocks, stages=stages)
+            total_steps = lax.fori_loop(0, count, next_tile, jnp.int32(0))
+            pl.when(wg == compute_wgs)(lambda: ring_drain(
+                copies=((None, k_consumed), (None, v_consumed)), steps=total_steps,
+                stages=stages))
         else:
             q_block = lax.axis_index("q_blocks")
             if is_causal:
