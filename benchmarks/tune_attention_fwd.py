@@ -44,6 +44,8 @@ CONFIGS = {
     "mbarriers_auto": dict(named_barriers=False, auto_barriers=True),
     "mbarriers": dict(named_barriers=False),
     "auto_barriers": dict(auto_barriers=True),
+    # Before 2026-12-02 (session 18): the producer's copies and slot syncs on all four warps.
+    "warpgroup_producer": dict(single_warp_producer=False),
 }
 
 

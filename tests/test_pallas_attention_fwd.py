@@ -347,6 +347,10 @@ GPU_CONFIGS = {
     "mbarriers-8-ctas": dict(named_barriers=False, persistent=True, num_ctas=8),
     "mbarriers-auto-barriers": dict(named_barriers=False, auto_barriers=True),
     "auto-barriers": dict(auto_barriers=True),
+    # The producer on its whole warpgroup (the default runs it on one warp).
+    "warpgroup-producer": dict(single_warp_producer=False),
+    "warpgroup-producer-mbarriers-8-ctas": dict(single_warp_producer=False, named_barriers=False,
+                                                persistent=True, num_ctas=8),
 }
 
 

@@ -51,6 +51,7 @@ def check_interpret_threads(threads_per_kernel: int) -> None:
 FIRST_NAMED_BARRIER = 4
 NUM_NAMED_BARRIERS = 16
 THREADS_PER_WG = 128
+THREADS_PER_WARP = 32
 
 
 def named_barrier(op: str, barrier_id, num_threads: int) -> None:
@@ -79,11 +80,21 @@ def named_barrier(op: str, barrier_id, num_threads: int) -> None:
         _dynamic(jnp.asarray(barrier_id, jnp.int32))
 
 
+def on_one_warp(fn) -> None:
+    """Run ``fn()`` on warp 0 of the calling warpgroup only; its other three warps skip it.
+    For a producer that only issues TMA copies and waits on slots: each of its instructions
+    then issues once per CTA instead of once per warp (as tokamax's sm90 kernel does)."""
+    @plgpu.warp_map
+    def _per_warp(warp):
+        pl.when(warp == 0)(fn)
+
+
 @dataclasses.dataclass(frozen=True)
 class NamedSlots:
     """The "consumed" signals of a ring on hardware named barriers (GPU only), in place of an
     mbarrier array: slot s is barrier ``first + s``; the compute warpgroups arrive, the
-    producer warpgroup syncs, ``num_threads`` threads in all. The ring keeps arrivals and syncs
+    producer (a warpgroup, or one warp of it: `on_one_warp`) syncs, ``num_threads`` threads
+    in all. The ring keeps arrivals and syncs
     alternating (a slot is consumed again only after the producer's sync let it be refilled);
     the last arrivals of a kernel have no sync, and there are no phases to drain."""
     first: int
