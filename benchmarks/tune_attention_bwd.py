@@ -41,6 +41,8 @@ CONFIGS = {
     "fused_dq_1wg": dict(fused_dq=True, dkv_block_kv=64),
     # Pallas' warpgroup syncs around shared-memory accesses (the default before 2026-12-02).
     "auto_barriers": dict(auto_barriers=True),
+    # Each producer on its whole warpgroup (the default before 2026-12-02, session 18).
+    "warpgroup_producer": dict(single_warp_producer=False),
 }
 
 

@@ -323,9 +323,11 @@ _GPU_REASON = "compiles the kernels for a real Hopper GPU; CPU runs use interpre
     {}, dict(dq_block_q=64, dkv_block_kv=64), dict(dq_block_kv=128, dkv_block_q=128),
     dict(stages=3), dict(register_operands=False), dict(fused_dq=False), dict(fused_dq=True),
     dict(fused_dq=True, dkv_block_kv=64), dict(fused_dq=True, register_operands=False),
-    dict(auto_barriers=True), dict(auto_barriers=True, fused_dq=False)],
+    dict(auto_barriers=True), dict(auto_barriers=True, fused_dq=False),
+    dict(single_warp_producer=False), dict(single_warp_producer=False, fused_dq=False)],
     ids=["default", "1wg", "b128", "stages3", "smem-operands", "dq-kernel", "fused", "fused-1wg",
-         "fused-smem-operands", "auto-barriers", "auto-barriers-dq-kernel"])
+         "fused-smem-operands", "auto-barriers", "auto-barriers-dq-kernel",
+         "warpgroup-producer", "warpgroup-producer-dq-kernel"])
 def test_compiled_on_gpu(rng, config, is_causal):
     q, k, v, d_out = _inputs(rng, jnp.bfloat16, 2, 1000, 1000, 8, 2, 128)
     out, lse, ref_grads = _reference(q, k, v, d_out, is_causal=is_causal, scale=128 ** -0.5)

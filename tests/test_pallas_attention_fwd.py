@@ -292,12 +292,14 @@ def _args(**over):
      r"segment_ids must be an integer array; got segment_ids.dtype=float32"),
     (dict(compute_wgs=3), r"compute_wgs must be 1 or 2; got compute_wgs=3"),
     (dict(num_ctas=0), r"num_ctas must be a positive int; got num_ctas=0"),
+    (dict(single_warp_producer="yes"), r"single_warp_producer must be True, False or None; "
+                                       r"got single_warp_producer='yes'"),
     (dict(named_barriers=True, oneway_pingpong=False),
      r"named_barriers=True needs oneway_pingpong=True"),
 ], ids=["f32", "mixed-dtypes", "d96", "hkv-not-dividing", "block_q96", "block_kv32",
         "k-v-shapes", "batch", "q-3d", "q-k-head-dim", "negative-scale",
         "segments-sq-ne-sk", "segments-shape", "segments-float", "compute-wgs3",
-        "num-ctas0", "named-rendezvous"])
+        "num-ctas0", "single-warp-producer-yes", "named-rendezvous"])
 def test_errors(over, match):
     arrays, kwargs = _args(**over)
     with pytest.raises(ValueError, match=match):

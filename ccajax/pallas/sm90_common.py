@@ -83,6 +83,12 @@ def over_batch(kernel, *args, replicated=()):
                          axis_names=manual)(tuple(args[i] for i in given), tuple(replicated))
 
 
+def varies_over_a_mesh_axis(*arrays) -> bool:
+    """Whether any of ``arrays`` (None skipped) is typed varying over a manual mesh axis, as
+    batch-sharded inputs are inside `jax.shard_map` (`over_batch`)."""
+    return any(a is not None and jax.typeof(a).manual_axis_type.varying for a in arrays)
+
+
 def vary_like(x, like):
     """x with the varying mesh axes of ``like`` (inside shard_map).
 

@@ -19,6 +19,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from ccajax.pallas.sm90_common import varies_over_a_mesh_axis
+
 # Rows of one compute warpgroup's tile: wgmma's M is 64 per warpgroup.
 WG_ROWS = 64
 
@@ -83,10 +85,25 @@ def named_barrier(op: str, barrier_id, num_threads: int) -> None:
 def on_one_warp(fn) -> None:
     """Run ``fn()`` on warp 0 of the calling warpgroup only; its other three warps skip it.
     For a producer that only issues TMA copies and waits on slots: each of its instructions
-    then issues once per CTA instead of once per warp (as tokamax's sm90 kernel does)."""
+    then issues once per CTA instead of once per warp (as tokamax's sm90 kernel does).
+    jax 0.11.2's ``plgpu.warp_map`` refuses refs of arrays that vary over a manual mesh axis
+    (inside `jax.shard_map`): see `resolve_single_warp_producer`."""
     @plgpu.warp_map
     def _per_warp(warp):
         pl.when(warp == 0)(fn)
+
+
+def resolve_single_warp_producer(single_warp_producer, *inputs) -> bool:
+    """The kernels' ``single_warp_producer`` option: None means True, except for inputs that
+    vary over a manual mesh axis (batch-sharded, inside `jax.shard_map`), whose refs jax
+    0.11.2's ``plgpu.warp_map`` refuses ("mpmd_map does not support Refs with varying manual
+    axis types"): there the producer runs on its whole warpgroup (about 1-2% slower)."""
+    if single_warp_producer not in (None, True, False):
+        raise ValueError(f"single_warp_producer must be True, False or None; got "
+                         f"single_warp_producer={single_warp_producer!r}")
+    if single_warp_producer is None:
+        return not varies_over_a_mesh_axis(*inputs)
+    return single_warp_producer
 
 
 @dataclasses.dataclass(frozen=True)
