@@ -130,7 +130,8 @@ def test_grids(rng, grid, is_causal):
     """The per-tile grid, and persistent CTAs with an uneven share of the 2 x 2 x 3 tiles (one
     ring across a CTA's tiles; 1 CTA runs all 12), also loading each next tile's q early (the
     next tile crosses query blocks, heads and batch rows). Causal, Sq > Sk: the tiles differ in
-    length (the ring position carries over), and the first q block's sees no key (0 steps)."""
+    length (a CTA's ring positions continue across them), and the first q block sees no key
+    (0 steps)."""
     _check(*_inputs(rng, jnp.bfloat16, 2, 300, 200, 2, 1, 64), is_causal=is_causal,
            block_kv=64, segment_ids=None, **grid)
 
@@ -140,7 +141,8 @@ def test_grids(rng, grid, is_causal):
                          [(1, 16, 128, 132), (4, 4, 32, 132), (2, 2, 3, 5), (1, 1, 2, 3)])
 def test_persistent_tiles_cover_every_tile_once(batch, heads, q_blocks, ctas, is_causal):
     """Each (head, q block, batch) tile goes to exactly one CTA; causal: longest first, and the
-    CTAs' sums of tile lengths (q block + 1) stay within one round's spread of each other."""
+    CTAs' sums of tile lengths (q block + 1) stay within two rounds' spread of q blocks of each
+    other (a plain round-robin drifts by one round's spread per round)."""
     seen, loads = [], []
     for cta in range(ctas):
         count, tile_at = persistent_tiles(jnp.int32(cta), num_ctas=ctas, batch=batch,

@@ -305,7 +305,10 @@ class _Problem:
 
     def producer(self, fn) -> None:
         """Run the producer warpgroup's part ``fn`` on one of its warps, or on all four."""
-        on_one_warp(fn) if self.single_warp_producer else fn()
+        if self.single_warp_producer:
+            on_one_warp(fn)
+        else:
+            fn()
 
     @property
     def group(self) -> int:

@@ -18,12 +18,12 @@ Kernel layout
   producer warpgroup (``plgpu.kernel(..., num_threads=3)``). The CTA reads the k/v tiles of kv
   head ``h // group`` directly from the un-repeated (B, Sk, Hkv, d) arrays (GQA without copies).
   Under causal masking the q-block index is reversed so the longest rows are scheduled first.
-  Non-causal with Sk <= ``PERSISTENT_MAX_SEQ_K`` (or ``persistent=True``): a persistent grid of
-  one CTA per SM instead, whose producer keeps one k/v ring across the CTA's tiles, so the next
-  tile's first loads overlap the current tile's tail and epilogue (with ``prefetch_q`` each
-  compute warpgroup also loads its next tile's q rows into a second q tile meanwhile). Tiles
-  are dealt out by :func:`persistent_tiles`: round-robin, q block fastest, when not causal;
-  causal, longest first in rounds of alternating direction.
+  Non-causal with Sk <= ``PERSISTENT_MAX_SEQ_K`` (or ``persistent=True``, any mask): a
+  persistent grid of one CTA per SM instead, whose producer keeps one k/v ring across the
+  CTA's tiles, so the next tile's first loads overlap the current tile's tail and epilogue
+  (with ``prefetch_q`` each compute warpgroup also loads its next tile's q rows into a second
+  q tile meanwhile). Tiles are dealt out by :func:`persistent_tiles`: round-robin, q block
+  fastest, when not causal; causal, longest first in rounds of alternating direction.
 * Producer warpgroup (registers lowered to 40): issues the TMA copies of k and v (and of the kv
   segment ids, on k's barrier) into a ``kv_stages``-slot ring; before refilling a slot it waits
   on that slot's "consumed" barriers (one arrival per compute warpgroup), separately for k and v.
@@ -301,7 +301,10 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
 
     def producer(fn):
         """Run the producer's part ``fn`` on its warp (or its whole warpgroup)."""
-        on_one_warp(fn) if single_warp_producer else fn()
+        if single_warp_producer:
+            on_one_warp(fn)
+        else:
+            fn()
 
     def kernel(*refs, q_smem, k_smem, v_smem, p_smem, lse_smem, seg_q_smem, seg_kv_smem,
                q_barriers, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier):
@@ -359,7 +362,8 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             one-way ping-pong uses the turn barriers of ``turn_set`` (0 or 1). Its q rows are in
             q tile ``q_buf``; with ``prefetch`` = (is first tile, has next, next tile's
             (q_head, q_block, b)) a warpgroup loads its q rows there only on its first tile and
-            loads the next tile's into the other q tile once its own have arrived."""
+            loads the next tile's into the other q tile once its own have arrived. Returns the
+            ring position after its last step (the next tile's ``step0``)."""
             kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
             cta_q_start = q_block * block_q
             cta_steps, _ = kv_range(cta_q_start, block_q)
@@ -544,14 +548,14 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                 lax.axis_index("ctas"), num_ctas=num_ctas, batch=batch, num_heads=num_q_heads,
                 num_q_blocks=num_q_blocks, is_causal=is_causal)
 
-            def next_tile(i, step0):
+            def run_tile(i, step0):
                 q_head, q_block, b = tile_at(i)
                 parity = lax.rem(i, jnp.int32(2))
                 prefetch = (i == 0, i + 1 < count, tile_at(i + 1)) if prefetch_q else None
                 return tile(q_head, q_block, b, step0, turn_set=parity,
                             q_buf=parity if prefetch_q else 0, prefetch=prefetch)
 
-            total_steps = lax.fori_loop(0, count, next_tile, jnp.int32(0))
+            total_steps = lax.fori_loop(0, count, run_tile, jnp.int32(0))
             pl.when(wg == compute_wgs)(lambda: producer(lambda: ring_drain(
                 copies=((None, k_consumed), (None, v_consumed)), steps=total_steps,
                 stages=stages)))

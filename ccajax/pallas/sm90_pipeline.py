@@ -111,9 +111,9 @@ class NamedSlots:
     """The "consumed" signals of a ring on hardware named barriers (GPU only), in place of an
     mbarrier array: slot s is barrier ``first + s``; the compute warpgroups arrive, the
     producer (a warpgroup, or one warp of it: `on_one_warp`) syncs, ``num_threads`` threads
-    in all. The ring keeps arrivals and syncs
-    alternating (a slot is consumed again only after the producer's sync let it be refilled);
-    the last arrivals of a kernel have no sync, and there are no phases to drain."""
+    in all. The ring keeps arrivals and syncs alternating (a slot is consumed again only after
+    the producer's sync let it be refilled); the last arrivals of a kernel have no sync, and
+    there are no phases to drain."""
     first: int
     num_threads: int
 
