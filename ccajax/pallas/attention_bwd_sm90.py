@@ -104,9 +104,9 @@ from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_ar
                                        check_block_sizes, pad_axis, round_up)
 from ccajax.pallas.sm90_pipeline import (WG_ROWS, KVSteps, add_to_gmem, check_interpret_threads,
                                          col_vec, f32_tile_transforms, in_interpret_mode, kv_flush,
-                                         matmul, matmul_into, next_step_wait, on_one_warp,
+                                         matmul, matmul_into, next_step_wait,
                                          resolve_single_warp_producer, ring_producer, row_vec,
-                                         tile_transforms, zeros_acc)
+                                         run_producer, tile_transforms, zeros_acc)
 
 # Two fp32 (64, d) accumulators plus (64, block) S/dP tiles must fit one warpgroup's registers.
 MAX_BLOCK = 128
@@ -303,13 +303,6 @@ class _Problem:
     auto_barriers: bool
     single_warp_producer: bool
 
-    def producer(self, fn) -> None:
-        """Run the producer warpgroup's part ``fn`` on one of its warps, or on all four."""
-        if self.single_warp_producer:
-            on_one_warp(fn)
-        else:
-            fn()
-
     @property
     def group(self) -> int:
         return self.num_q_heads // self.num_kv_heads
@@ -420,9 +413,9 @@ def _dq_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                 plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(step * block_kv, block_kv), kv_head],
                                         v_smem.at[slot], v_barriers.at[slot])
 
-            p.producer(lambda: ring_producer(
+            run_producer(lambda: ring_producer(
                 copies=((issue_k, k_consumed), (issue_v, v_consumed)), steps=cta_steps,
-                stages=stages))
+                stages=stages), single_warp=p.single_warp_producer)
 
         @pl.when(wg < wgs)
         def _consumer():
@@ -605,8 +598,9 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, head, rows], delta_smem.at[slot],
                                         do_barriers.at[slot])
 
-            p.producer(lambda: ring_producer(copies=((issue, consumed),), steps=total_steps,
-                                             stages=stages))
+            run_producer(lambda: ring_producer(copies=((issue, consumed),), steps=total_steps,
+                                               stages=stages),
+                         single_warp=p.single_warp_producer)
 
         @pl.when(wg < wgs)
         def _consumer():

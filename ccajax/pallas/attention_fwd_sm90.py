@@ -88,9 +88,9 @@ from ccajax.pallas.sm90_pipeline import (FIRST_NAMED_BARRIER, NUM_NAMED_BARRIERS
                                          THREADS_PER_WARP, THREADS_PER_WG, KVSteps, NamedSlots,
                                          check_interpret_threads, full_rows, in_interpret_mode,
                                          kv_flush, matmul, matmul_into, named_barrier,
-                                         next_step_wait, on_one_warp, release_slot,
+                                         next_step_wait, release_slot,
                                          resolve_single_warp_producer, ring_drain, ring_producer,
-                                         tile_transforms, zeros_acc)
+                                         run_producer, tile_transforms, zeros_acc)
 
 MAX_BLOCK = 256
 _LN2 = math.log(2.0)
@@ -299,13 +299,6 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         named_k, named_v = NamedSlots(k_ids, slot_threads), NamedSlots(k_ids + stages, slot_threads)
         assert k_ids + 2 * stages <= NUM_NAMED_BARRIERS, (k_ids, stages)  # stages <= 4
 
-    def producer(fn):
-        """Run the producer's part ``fn`` on its warp (or its whole warpgroup)."""
-        if single_warp_producer:
-            on_one_warp(fn)
-        else:
-            fn()
-
     def kernel(*refs, q_smem, k_smem, v_smem, p_smem, lse_smem, seg_q_smem, seg_kv_smem,
                q_barriers, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier):
         if has_segments:
@@ -388,9 +381,10 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                     plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot],
                                             v_barriers.at[slot])
 
-                producer(lambda: ring_producer(
+                run_producer(lambda: ring_producer(
                     copies=((issue_k, k_consumed), (issue_v, v_consumed)), steps=cta_steps,
-                    stages=stages, first=step0, drain=not persistent))
+                    stages=stages, first=step0, drain=not persistent),
+                    single_warp=single_warp_producer)
 
             # ----------------------------------------------------------------- consumers --------
             @pl.when(wg < compute_wgs)
@@ -556,9 +550,9 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                             q_buf=parity if prefetch_q else 0, prefetch=prefetch)
 
             total_steps = lax.fori_loop(0, count, run_tile, jnp.int32(0))
-            pl.when(wg == compute_wgs)(lambda: producer(lambda: ring_drain(
+            pl.when(wg == compute_wgs)(lambda: run_producer(lambda: ring_drain(
                 copies=((None, k_consumed), (None, v_consumed)), steps=total_steps,
-                stages=stages)))
+                stages=stages), single_warp=single_warp_producer))
         else:
             q_block = lax.axis_index("q_blocks")
             if is_causal:

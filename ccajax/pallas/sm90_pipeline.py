@@ -82,12 +82,16 @@ def named_barrier(op: str, barrier_id, num_threads: int) -> None:
         _dynamic(jnp.asarray(barrier_id, jnp.int32))
 
 
-def on_one_warp(fn) -> None:
-    """Run ``fn()`` on warp 0 of the calling warpgroup only; its other three warps skip it.
-    For a producer that only issues TMA copies and waits on slots: each of its instructions
-    then issues once per CTA instead of once per warp (as tokamax's sm90 kernel does).
+def run_producer(fn, *, single_warp: bool) -> None:
+    """Run the producer warpgroup's part ``fn()`` (TMA copies and slot waits) on warp 0 only
+    (``single_warp``; the other three warps skip it, so each of its instructions issues once
+    per CTA instead of once per warp, as in tokamax's sm90 kernel), or on all four warps.
     jax 0.11.2's ``plgpu.warp_map`` refuses refs of arrays that vary over a manual mesh axis
     (inside `jax.shard_map`): see `resolve_single_warp_producer`."""
+    if not single_warp:
+        fn()
+        return
+
     @plgpu.warp_map
     def _per_warp(warp):
         pl.when(warp == 0)(fn)
@@ -110,7 +114,7 @@ def resolve_single_warp_producer(single_warp_producer, *inputs) -> bool:
 class NamedSlots:
     """The "consumed" signals of a ring on hardware named barriers (GPU only), in place of an
     mbarrier array: slot s is barrier ``first + s``; the compute warpgroups arrive, the
-    producer (a warpgroup, or one warp of it: `on_one_warp`) syncs, ``num_threads`` threads
+    producer (a warpgroup, or one warp of it: `run_producer`) syncs, ``num_threads`` threads
     in all. The ring keeps arrivals and syncs alternating (a slot is consumed again only after
     the producer's sync let it be refilled); the last arrivals of a kernel have no sync, and
     there are no phases to drain."""
