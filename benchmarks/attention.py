@@ -16,12 +16,15 @@ wheels); otherwise the reason is printed and recorded.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks.peers import peers
-from benchmarks.timing import paired_speedup, time_interleaved, with_tflops, write_sweep
+from benchmarks.timing import (WINDOW_HELP, paired_speedup, time_interleaved, with_tflops,
+                               write_sweep)
 
 flags.DEFINE_string("out", "benchmarks/results/attention.json", "Where to write the JSON results.")
 flags.DEFINE_list("seq_lens", ["1024", "4096", "16384", "32768"], "Sequence lengths.")
@@ -30,6 +33,7 @@ flags.DEFINE_integer("tokens", 16384, "Batch is max(1, tokens // S).")
 flags.DEFINE_integer("xla_max_seq", 4096, "XLA materialises S^2 scores: time it only up to here.")
 flags.DEFINE_integer("repeats", 5, "Median of this many interleaved rounds of ten calls per "
                      "sync.")
+flags.DEFINE_float("window_s", 0.0, WINDOW_HELP)
 FLAGS = flags.FLAGS
 HEAD_DIM = 128
 
@@ -48,6 +52,9 @@ def main(argv):
     for name, why in missing.items():
         print(f"skipping {name}: {why}")
     rows = []
+    # The JSON is rewritten after every cell (a run cut short keeps what it finished).
+    save = functools.partial(write_sweep, FLAGS.out, rows, repeats=FLAGS.repeats,
+                             window_s=FLAGS.window_s, missing_peers=missing)
     for seq in map(int, FLAGS.seq_lens):
         batch = max(1, FLAGS.tokens // seq)
         for heads in FLAGS.heads:
@@ -66,14 +73,16 @@ def main(argv):
                         # The hybrid's forward is ours: time only its fwd+bwd.
                         and not (name == "mosaic_fwd_cudnn_bwd" and mode == "fwd")]
                 timings = time_interleaved([(jitted(fns[name], causal, mode), (q, k, v), 10)
-                                            for name, mode in jobs], repeats=FLAGS.repeats)
+                                            for name, mode in jobs], repeats=FLAGS.repeats,
+                                           window_s=FLAGS.window_s)
                 for (name, mode), res in zip(jobs, timings):
                     mult = 3.5 if mode == "fwdbwd" else 1.0
                     row["results"].setdefault(name, {})[mode] = with_tflops(res, mult * flops)
                 row["ours_vs_best_peer"] = vs_best_peer(row["results"])
                 rows.append(row)
+                save(complete=False)
                 print(format_row(row), flush=True)
-    write_sweep(FLAGS.out, rows, repeats=FLAGS.repeats, missing_peers=missing)
+    save()
 
 
 def vs_best_peer(results) -> dict:

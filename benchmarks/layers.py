@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks.kernel_profile import kernel_times
-from benchmarks.timing import device_name, failure, time_interleaved
+from benchmarks.timing import WINDOW_HELP, device_name, failure, time_interleaved
 from ccajax import cca, cca_fused, costs
 from ccajax._common import cast_tree
 from ccajax.attention import dot_product_attention
@@ -74,6 +74,7 @@ flags.DEFINE_integer("repeats", 5, "Median of this many syncs.")
 flags.DEFINE_integer("round_warmup", 1,
                      "Untimed calls of a method right before each of its timed syncs in the "
                      "interleaved rounds (0: the sync starts on what the previous method left).")
+flags.DEFINE_float("window_s", 0.0, WINDOW_HELP)
 flags.DEFINE_float("target_ms", 40.0,
                    "Device work per sync: calls per sync = this / latency, clipped to 1..10.")
 FLAGS = flags.FLAGS
@@ -142,12 +143,14 @@ def interleaved(jobs) -> None:
     """Time the ``(result, args)`` jobs (results from `prepared`) with `time_interleaved`:
     ``--repeats`` rounds after a warm-up round, one sync of each job per round, each sync after
     ``--round_warmup`` untimed calls of the same job (so that it times the layer back to back
-    with itself, ANCHORS.md's "after warm-up", not its first call after another method's).
+    with itself, ANCHORS.md's "after warm-up", not its first call after another method's), or
+    with ``--window_s`` that many seconds of syncs of each job per round (sustained clocks).
     Each result gets "ms", its median over the rounds, and "round_ms", every round's time (or
     "error"), and loses "fn"."""
     live = [(res, args) for res, args in jobs if "error" not in res]
     timings = time_interleaved([(res["fn"], args, res["calls_per_sync"]) for res, args in live],
-                               repeats=FLAGS.repeats, warmup=FLAGS.round_warmup)
+                               repeats=FLAGS.repeats, warmup=FLAGS.round_warmup,
+                               window_s=FLAGS.window_s)
     for (res, _), timing in zip(live, timings):
         res.pop("fn")
         res.update(timing)
@@ -365,8 +368,11 @@ def save(rows):
     result = dict(device=device_name(), date=datetime.date.today().isoformat(), jax=jax.__version__,
                   command=" ".join(sys.argv), mode=FLAGS.mode, e=E, d=D, dtype="bfloat16",
                   method=f"median of {FLAGS.repeats} syncs, up to 10 calls per sync "
-                         f"({FLAGS.target_ms} ms of work per sync); sweep: methods interleaved, "
-                         f"one sync each per round after {FLAGS.round_warmup} untimed call(s)",
+                         f"({FLAGS.target_ms} ms of work per sync); sweep: methods interleaved "
+                         f"(odd rounds in reverse order), "
+                         + (f"{FLAGS.window_s} s of syncs each per round (their median)"
+                            if FLAGS.window_s > 0 else
+                            f"one sync each per round after {FLAGS.round_warmup} untimed call(s)"),
                   rows=rows)
     with open(FLAGS.out, "w") as f:
         json.dump(result, f, indent=1)

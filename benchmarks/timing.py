@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import statistics
 import time
 
@@ -25,23 +26,54 @@ def time_call(fn, *args, calls_per_sync: int = 10, repeats: int = 7, warmup: int
     return statistics.median(samples)
 
 
-def time_interleaved(jobs, *, repeats: int, warmup: int = 1) -> list[dict]:
+WINDOW_HELP = ("If > 0, each entry's turn in a round is this many seconds of back-to-back syncs "
+               "(their median), timing it at its sustained clocks (`time_window`), instead of "
+               "one sync.")
+
+
+def time_window(fn, *args, calls_per_sync: int = 10, seconds: float) -> float:
+    """Median seconds per call of ``fn(*args)`` over syncs of ``calls_per_sync`` calls run back
+    to back for ``seconds``: the GPU's sustained speed, once its clocks have settled under load
+    (an H200 at its 700 W limit lowers them within a fraction of a second)."""
+    samples, start = [], time.perf_counter()
+    while not samples or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        for _ in range(calls_per_sync):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / calls_per_sync)
+    return statistics.median(samples)
+
+
+def time_interleaved(jobs, *, repeats: int, warmup: int = 1, window_s: float = 0.0) -> list[dict]:
     """Time ``(fn, args, calls_per_sync)`` jobs (``fn`` jitted) in ``repeats`` rounds after an
     untimed warm-up round (which also compiles): each round takes one sync of every job in
-    turn, each after ``warmup`` untimed calls of that job. Drift during the sweep (clocks,
+    turn (in reverse order every other round), each after ``warmup`` untimed calls of that job. Drift during the sweep (clocks,
     temperature) then reaches every job alike, where timing one job's repeats after another's
-    hands it to whichever ran during a slow spell.
+    hands it to whichever ran during a slow spell. With ``window_s`` > 0 a job's turn is a
+    `time_window` of that many seconds instead of one sync: slower, but each job is timed at
+    the clocks its own sustained load leaves (on an H200 every attention kernel runs at the
+    power limit; one sync after another job's turn still runs partly at that job's clocks).
 
     Returns per job ``{"ms": median ms per call, "round_ms": each round's}``, or ``{"error"}``
     for a job that raised (it is left out of the later rounds)."""
     samples: list[list[float]] = [[] for _ in jobs]
     errors: dict[int, str] = {}
     for round_ in range(repeats + 1):  # round 0 warms up
-        for i, (fn, args, calls) in enumerate(jobs):
+        # Odd rounds take the jobs in reverse order: a job's speed depends a little on the job
+        # before it (on an H200, two identical kernels timed one after the other in 0.5 s
+        # windows differed by 1-2%, the same way in every cell), which this averages out.
+        order = range(len(jobs) - 1, -1, -1) if round_ % 2 else range(len(jobs))
+        for i in order:
+            fn, args, calls = jobs[i]
             if i in errors:
                 continue
             try:
-                seconds = time_call(fn, *args, calls_per_sync=calls, repeats=1, warmup=warmup)
+                if window_s > 0 and round_:
+                    seconds = time_window(fn, *args, calls_per_sync=calls, seconds=window_s)
+                else:
+                    seconds = time_call(fn, *args, calls_per_sync=calls, repeats=1,
+                                        warmup=warmup)
             except Exception as e:  # noqa: BLE001 - record why a job could not run
                 errors[i] = failure(e)
                 continue
@@ -90,12 +122,27 @@ def failure(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e)[:300]}"
 
 
-def write_sweep(path: str, rows: list, *, repeats: int, **fields) -> None:
-    """A tuning sweep's JSON: device, date, jax version, ``fields``, method and rows."""
+def method(repeats: int, window_s: float = 0.0) -> str:
+    """How `time_interleaved` timed, for a JSON's "method"."""
+    if window_s > 0:
+        return (f"median of {repeats} interleaved rounds (odd rounds in reverse order); in each "
+                f"round every entry runs syncs of 10 calls back to back for {window_s} s and "
+                f"counts the median sync")
+    return (f"median of {repeats} interleaved rounds (odd rounds in reverse order; one sync of "
+            f"10 calls of each entry per round, after a warm-up call)")
+
+
+def write_sweep(path: str, rows: list, *, repeats: int, window_s: float = 0.0,
+                complete: bool = True, **fields) -> None:
+    """A tuning sweep's JSON: device, date, jax version, ``fields``, method and rows.
+    Sweeps write it after every cell with ``complete=False`` (recorded), so that a run cut
+    short by a time limit still leaves the cells it finished; the last write announces itself."""
     result = dict(device=device_name(), date=datetime.date.today().isoformat(),
-                  jax=jax.__version__, **fields,
-                  method=f"median of {repeats} interleaved rounds (one sync of 10 calls of "
-                         f"each entry per round, after a warm-up call)", rows=rows)
-    with open(path, "w") as f:
+                  jax=jax.__version__, **fields, method=method(repeats, window_s),
+                  complete=complete, rows=rows)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+    os.replace(tmp, path)  # a reader never sees half a file
+    if complete:
+        print(f"wrote {path}")

@@ -12,11 +12,14 @@ should be.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks.timing import format_vs_cudnn, time_interleaved, with_tflops, write_sweep
+from benchmarks.timing import (WINDOW_HELP, format_vs_cudnn, time_interleaved, with_tflops,
+                               write_sweep)
 from ccajax.pallas.attention_bwd_sm90 import attention_bwd
 from ccajax.pallas.attention_fwd_sm90 import attention_fwd
 
@@ -27,6 +30,7 @@ flags.DEFINE_list("heads", ["16:16", "8:2", "4:4"], "Hq:Hkv pairs.")
 flags.DEFINE_list("configs", None, "Names from CONFIGS (default: all).")
 flags.DEFINE_integer("repeats", 5, "Median of this many interleaved rounds of ten calls per "
                      "sync.")
+flags.DEFINE_float("window_s", 0.0, WINDOW_HELP)
 FLAGS = flags.FLAGS
 HEAD_DIM = 128
 
@@ -60,6 +64,9 @@ def main(argv):
     seq = FLAGS.seq
     batch = max(1, FLAGS.tokens // seq)
     rows = []
+    # The JSON is rewritten after every cell (a run cut short keeps what it finished).
+    save = functools.partial(write_sweep, FLAGS.out, rows, repeats=FLAGS.repeats,
+                             window_s=FLAGS.window_s, configs={n: CONFIGS[n] for n in names})
     for heads in FLAGS.heads:
         hq, hkv = map(int, heads.split(":"))
         keys = jax.random.split(jax.random.key(hq * 7 + hkv), 4)
@@ -76,7 +83,8 @@ def main(argv):
             jobs += [(jax.jit(lambda *a, cfg=CONFIGS[name]: attention_bwd(
                 *a, is_causal=causal, scale=None, **cfg)), (q, k, v, out, lse, d_out), 10)
                      for name in names]
-            cudnn_fwd, cudnn_grad, *timings = time_interleaved(jobs, repeats=FLAGS.repeats)
+            cudnn_fwd, cudnn_grad, *timings = time_interleaved(jobs, repeats=FLAGS.repeats,
+                                                               window_s=FLAGS.window_s)
             cudnn = (dict(ms=cudnn_grad["ms"] - cudnn_fwd["ms"])
                      if "ms" in cudnn_fwd and "ms" in cudnn_grad else
                      dict(error=cudnn_fwd.get("error") or cudnn_grad.get("error")))
@@ -84,8 +92,9 @@ def main(argv):
             for name, res in zip(names, timings):
                 row["results"][name] = with_tflops(res, flops)
             rows.append(row)
+            save(complete=False)
             print(format_vs_cudnn(row), flush=True)
-    write_sweep(FLAGS.out, rows, repeats=FLAGS.repeats, configs={n: CONFIGS[n] for n in names})
+    save()
 
 
 if __name__ == "__main__":

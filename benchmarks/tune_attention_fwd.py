@@ -2,21 +2,26 @@
 
     PYTHONPATH=. python3 benchmarks/tune_attention_fwd.py --out=$OUT/tune_fwd.json
 
-Times ``attention_fwd`` for every configuration in ``CONFIGS`` and every cell (S x Hq:Hkv x mask,
-batch = tokens // S), beside cuDNN and tokamax (when its wheels are carried: see
-`benchmarks/attention.py`), all of a cell's in interleaved rounds (`time_interleaved`). TF/s counts
+Times ``attention_fwd`` for every configuration in `benchmarks.fwd_configs.CONFIGS` and every
+cell (S x Hq:Hkv x mask, batch = tokens // S), beside cuDNN and tokamax (when its wheels are
+carried: see `benchmarks/attention.py`), all of a cell's in interleaved rounds
+(`time_interleaved`; ``--window_s`` for sustained windows instead of single syncs). TF/s counts
 4*B*S^2*Hq*d, halved when causal. Prints one line per cell, each configuration as TF/s and its ratio
 to cuDNN; the best configuration per cell is what ``attention_fwd``'s defaults should be.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks.fwd_configs import CONFIGS, HEAD_DIM
 from benchmarks.peers import peers
-from benchmarks.timing import format_vs_cudnn, time_interleaved, with_tflops, write_sweep
+from benchmarks.timing import (WINDOW_HELP, format_vs_cudnn, time_interleaved, with_tflops,
+                               write_sweep)
 from ccajax.pallas.attention_fwd_sm90 import attention_fwd
 
 flags.DEFINE_string("out", "benchmarks/results/tune_attention_fwd.json", "JSON output path.")
@@ -27,26 +32,8 @@ flags.DEFINE_list("masks", ["full", "causal"], "full and/or causal.")
 flags.DEFINE_list("configs", None, "Names from CONFIGS (default: all).")
 flags.DEFINE_integer("repeats", 5, "Median of this many interleaved rounds of ten calls per "
                      "sync.")
+flags.DEFINE_float("window_s", 0.0, WINDOW_HELP)
 FLAGS = flags.FLAGS
-HEAD_DIM = 128
-
-CONFIGS = {
-    "default": {},
-    "late_k": dict(early_k_wait=False),  # the k wait at the top of each step
-    "rendezvous": dict(oneway_pingpong=False),  # both warpgroups meet twice per step (mbarriers)
-    "per_tile_grid": dict(persistent=False),  # one CTA per tile
-    "persistent_grid": dict(persistent=True),  # causal: longest tiles first, snake rounds
-    # Persistent grid (non-causal Sk <= 4096 by default): each next tile's q loaded early.
-    "prefetch_q": dict(prefetch_q=True),
-    "persistent_prefetch_q": dict(persistent=True, prefetch_q=True),
-    "stages3": dict(kv_stages=3),
-    # Before 2026-12-01 (session 12): mbarriers for turns and slots, Pallas' warpgroup syncs.
-    "mbarriers_auto": dict(named_barriers=False, auto_barriers=True),
-    "mbarriers": dict(named_barriers=False),
-    "auto_barriers": dict(auto_barriers=True),
-    # Before 2026-12-02 (session 18): the producer's copies and slot syncs on all four warps.
-    "warpgroup_producer": dict(single_warp_producer=False),
-}
 
 
 def main(argv):
@@ -55,6 +42,10 @@ def main(argv):
     fns, missing = peers()
     peer_names = [p for p in ("cudnn", "tokamax") if p in fns]
     rows = []
+    # The JSON is rewritten after every cell (a run cut short keeps what it finished).
+    save = functools.partial(write_sweep, FLAGS.out, rows, repeats=FLAGS.repeats,
+                             window_s=FLAGS.window_s, configs={n: CONFIGS[n] for n in names},
+                             missing_peers=missing)
     for seq in map(int, FLAGS.seq_lens):
         batch = max(1, FLAGS.tokens // seq)
         for heads in FLAGS.heads:
@@ -71,13 +62,13 @@ def main(argv):
                 runs.update({n: jax.jit(lambda q, k, v, cfg=CONFIGS[n]: attention_fwd(
                     q, k, v, is_causal=causal, scale=None, **cfg)[0]) for n in names})
                 timings = time_interleaved([(fn, (q, k, v), 10) for fn in runs.values()],
-                                           repeats=FLAGS.repeats)
+                                           repeats=FLAGS.repeats, window_s=FLAGS.window_s)
                 row["results"] = {name: with_tflops(res, flops)
                                   for name, res in zip(runs, timings)}
                 rows.append(row)
+                save(complete=False)
                 print(format_vs_cudnn(row), flush=True)
-    write_sweep(FLAGS.out, rows, repeats=FLAGS.repeats, configs={n: CONFIGS[n] for n in names},
-                missing_peers=missing)
+    save()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ calls that run them are few and costly.
 Each import runs in its own process, as the scripts do on the device, because absl flags are
 process-global (two scripts that both define ``--out`` cannot share one)."""
 
+import itertools
 import json
 import os
 import pathlib
@@ -50,8 +51,8 @@ def test_layer_sweep_interleaves_and_records_errors(tmp_path):
 
 
 def test_time_interleaved_takes_the_jobs_in_turn_and_records_errors():
-    """Each round takes every job once (its warm-up call, then its sync of calls); a job that
-    raises is recorded and left out of the later rounds."""
+    """Each round takes every job once (its warm-up call, then its sync of calls), every other
+    round in reverse order; a job that raises is recorded and left out of the later rounds."""
     import jax.numpy as jnp
 
     from benchmarks.timing import time_interleaved, with_tflops
@@ -68,12 +69,58 @@ def test_time_interleaved_takes_the_jobs_in_turn_and_records_errors():
     x = (jnp.zeros(()),)
     res = time_interleaved([(job("a"), x, 2), (job("broken"), x, 2), (job("b"), x, 3)],
                            repeats=2, warmup=1)
-    assert calls == ["a"] * 3 + ["broken"] + ["b"] * 4 + (["a"] * 3 + ["b"] * 4) * 2
+    # Round 0 in order; then round 1 in reverse, round 2 in order again.
+    assert calls == (["a"] * 3 + ["broken"] + ["b"] * 4 + ["b"] * 4 + ["a"] * 3
+                     + ["a"] * 3 + ["b"] * 4)
     assert res[1] == {"error": "ValueError: no kernel"}
     for r in (res[0], res[2]):
         assert len(r["round_ms"]) == 2 and r["ms"] > 0
     assert with_tflops(res[0], 2e9)["tflops"] == 2e9 / res[0]["ms"] / 1e9
     assert with_tflops(res[1], 2e9) == res[1]
+
+
+def test_time_interleaved_windows_run_each_job_for_its_window():
+    """With window_s, a round gives each job syncs back to back for window_s seconds and counts
+    their median; the warm-up round is still one sync per job."""
+    import time
+
+    import jax.numpy as jnp
+
+    from benchmarks.timing import time_interleaved
+    calls, starts = [], {}
+
+    def job(name, sleep_s):
+        def fn(x):
+            calls.append(name)
+            starts.setdefault(name, []).append(time.perf_counter())
+            time.sleep(sleep_s)
+            return x
+        return fn
+
+    x = (jnp.zeros(()),)
+    res = time_interleaved([(job("a", 0.001), x, 2), (job("b", 0.004), x, 2)], repeats=2,
+                           warmup=1, window_s=0.05)
+    assert calls[:6] == ["a"] * 3 + ["b"] * 3  # the warm-up round: a call and a sync each
+    # Then b's window, a's (round 1 runs in reverse), a's again, b's: each a whole number of
+    # 2-call syncs lasting >= 0.05 s, so a (1 ms calls) makes more of them than b (4 ms).
+    runs = [(name, len(list(group))) for name, group in itertools.groupby(calls[6:])]
+    assert [name for name, _ in runs] == ["b", "a", "b"]  # a's two windows are adjacent
+    assert all(n % 2 == 0 and n >= 2 for _, n in runs)
+    assert runs[1][1] > 2 * runs[0][1]
+    assert 1.0 < res[0]["ms"] < 4.0 < res[1]["ms"] < 10.0
+    assert len(res[0]["round_ms"]) == 2
+
+
+def test_power_sampler_parses_nvidia_smi_lines():
+    from benchmarks.power_attention_fwd import parse_sample
+    quantities = ["mhz", "watts", "power_capped"]
+    stamp, values = parse_sample("2026/12/02 05:30:01.250, 1755, 698.12, Active\n", quantities)
+    assert values == {"mhz": 1755.0, "watts": 698.12, "power_capped": 1.0}
+    assert stamp % 1 == 0.25
+    assert parse_sample("2026/12/02 05:30:01.250, [N/A], 1.5, Not Active", quantities)[1] == {
+        "watts": 1.5, "power_capped": 0.0}
+    assert parse_sample("timestamp, clocks.sm [MHz], power.draw [W], x", quantities) is None
+    assert parse_sample("1755, 698.12", quantities) is None
 
 
 def test_paired_speedup_compares_round_by_round():

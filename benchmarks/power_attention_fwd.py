@@ -1,0 +1,199 @@
+"""SM clock and power draw while each forward implementation runs: are the sustained
+benchmarks power-capped, and which kernel does the most work per joule?
+
+    PYTHONPATH=. python3 benchmarks/power_attention_fwd.py --out=$OUT/power_fwd.json
+
+For every cell, each implementation (cuDNN, tokamax when its wheels are carried, and ours with
+each configuration named by ``--configs`` from `benchmarks.fwd_configs.CONFIGS`) runs
+for ``--seconds`` of back-to-back calls (synced every ten), in ``--rounds`` interleaved rounds,
+while ``nvidia-smi -lms`` samples the GPU. A sample counts for the window it was taken in,
+after the window's first ``--settle`` seconds. Per implementation it prints TF/s over its
+windows, the median SM clock (MHz) and power (W), TF/s per kW (= GFLOP per joule) and FLOP per
+SM clock cycle, and the share of samples in which the driver reported the software power cap
+as a clock-limiting reason. At the power limit the GFLOP per joule decides the speed; with
+clocks free, FLOP per cycle does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import subprocess
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from benchmarks.peers import peers
+from benchmarks.timing import device_name
+from benchmarks.fwd_configs import CONFIGS, HEAD_DIM
+from ccajax.pallas.attention_fwd_sm90 import attention_fwd
+from ccajax.pallas.sm90_common import sm_count
+
+flags.DEFINE_string("out", "benchmarks/results/power_attention_fwd.json", "JSON output path.")
+flags.DEFINE_list("cells", ["16384:16:16:full", "16384:16:16:causal"],
+                  "Cells as S:Hq:Hkv:mask (batch = 16384 // S).")
+flags.DEFINE_list("configs", ["default"], "Our configurations (names from CONFIGS).")
+flags.DEFINE_float("seconds", 3.0, "Length of one implementation's window.")
+flags.DEFINE_float("settle", 0.5, "Samples in a window's first this many seconds are dropped.")
+flags.DEFINE_integer("rounds", 3, "Interleaved rounds of windows.")
+flags.DEFINE_integer("sample_ms", 50, "nvidia-smi sampling period.")
+FLAGS = flags.FLAGS
+
+# Candidate nvidia-smi fields per quantity, newest name first (drivers rename and drop them).
+_FIELDS = {
+    "mhz": ["clocks.sm"],
+    "watts": ["power.draw.instant", "power.draw"],
+    "celsius": ["temperature.gpu"],
+    "power_capped": ["clocks_event_reasons.sw_power_cap", "clocks_throttle_reasons.sw_power_cap"],
+}
+
+
+def _supported_fields() -> dict[str, str]:
+    """quantity -> the first of its candidate fields this nvidia-smi reports."""
+    chosen = {}
+    for quantity, names in _FIELDS.items():
+        for name in names:
+            run = subprocess.run(["nvidia-smi", f"--query-gpu={name}", "--format=csv,noheader"],
+                                 capture_output=True, text=True, check=False)
+            value = run.stdout.strip()
+            if run.returncode == 0 and value and "Not Supported" not in value \
+                    and "not a valid" not in value.lower():
+                chosen[quantity] = name
+                break
+    return chosen
+
+
+def parse_sample(line: str, quantities: list[str]) -> tuple[float, dict] | None:
+    """One ``nvidia-smi --format=csv,noheader,nounits`` line of ``timestamp,<quantities>`` as
+    (unix time, {quantity: float}); None for a line that is not one (a header, an error)."""
+    parts = [p.strip() for p in line.split(",")]
+    if len(parts) != len(quantities) + 1:
+        return None
+    try:
+        stamp = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+    except ValueError:
+        return None
+    values = {}
+    for quantity, text in zip(quantities, parts[1:]):
+        if quantity == "power_capped":  # "Active" / "Not Active"
+            values[quantity] = float(text == "Active")
+        else:
+            try:
+                values[quantity] = float(text)
+            except ValueError:  # "[N/A]"
+                pass
+    return stamp, values
+
+
+class Sampler:
+    """``nvidia-smi --query-gpu=timestamp,... -lms`` in the background; ``samples`` holds
+    (unix time, {quantity: value}) rows, timed by nvidia-smi's own clock stamp."""
+
+    def __init__(self, fields: dict[str, str], period_ms: int):
+        self.quantities = list(fields)
+        query = ",".join(["timestamp"] + [fields[q] for q in self.quantities])
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits",
+             f"-lms={period_ms}"], stdout=subprocess.PIPE, text=True)
+        self.samples: list[tuple[float, dict]] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            sample = parse_sample(line, self.quantities)
+            if sample is not None:
+                self.samples.append(sample)
+
+    def between(self, start: float, end: float) -> list[dict]:
+        return [values for stamp, values in list(self.samples) if start <= stamp <= end]
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def _window(fn, args, seconds: float) -> dict:
+    """Calls ``fn(*args)`` for ``seconds`` (synced every ten calls); start/end unix times."""
+    start, calls = time.time(), 0
+    while time.time() - start < seconds:
+        for _ in range(10):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        calls += 10
+    return dict(start=start, end=time.time(), calls=calls)
+
+
+def _median(values):
+    return statistics.median(values) if values else None
+
+
+def main(argv):
+    del argv
+    fns, missing = peers()
+    peer_names = [p for p in ("cudnn", "tokamax") if p in fns]
+    fields = _supported_fields()
+    if "mhz" not in fields or "watts" not in fields:
+        raise SystemExit(f"nvidia-smi reports no SM clock or power here (found {fields})")
+    sampler = Sampler(fields, FLAGS.sample_ms)
+    rows = []
+    try:
+        for cell in FLAGS.cells:
+            seq, hq, hkv, mask = cell.split(":")
+            seq, hq, hkv, causal = int(seq), int(hq), int(hkv), mask == "causal"
+            batch = max(1, 16384 // seq)
+            keys = jax.random.split(jax.random.key(hq * 7 + hkv), 3)
+            q = jax.random.normal(keys[0], (batch, seq, hq, HEAD_DIM), jnp.bfloat16)
+            k, v = (jax.random.normal(key, (batch, seq, hkv, HEAD_DIM), jnp.bfloat16)
+                    for key in keys[1:])
+            flops = 4 * batch * seq**2 * hq * HEAD_DIM * (0.5 if causal else 1.0)
+            runs = {p: jax.jit(lambda q, k, v, p=p: fns[p](q, k, v, causal)) for p in peer_names}
+            runs.update({f"ours:{n}": jax.jit(lambda q, k, v, cfg=CONFIGS[n]: attention_fwd(
+                q, k, v, is_causal=causal, scale=None, **cfg)[0]) for n in FLAGS.configs})
+            for fn in runs.values():  # compile and warm up
+                jax.block_until_ready(fn(q, k, v))
+            windows = {name: [] for name in runs}
+            for _ in range(FLAGS.rounds):
+                for name, fn in runs.items():
+                    windows[name].append(_window(fn, (q, k, v), FLAGS.seconds))
+            time.sleep(2 * FLAGS.sample_ms / 1e3)  # the last samples' lines
+            results = {}
+            for name, ws in windows.items():
+                samples = [s for w in ws for s in sampler.between(w["start"] + FLAGS.settle,
+                                                                   w["end"])]
+                per_window = [flops * w["calls"] / (w["end"] - w["start"]) / 1e12 for w in ws]
+                tflops = statistics.median(per_window)
+                stats = {q: _median([s[q] for s in samples if q in s]) for q in fields}
+                results[name] = dict(
+                    tflops=tflops, window_tflops=[round(t, 1) for t in per_window],
+                    samples=len(samples), **stats,
+                    gflop_per_joule=(1e3 * tflops / stats["watts"] if stats["watts"] else None),
+                    flop_per_sm_cycle=(tflops * 1e12 / (stats["mhz"] * 1e6) / sm_count()
+                                       if stats["mhz"] else None))
+            rows.append(dict(seq=seq, batch=batch, hq=hq, hkv=hkv, causal=causal,
+                             results=results))
+            print(f"S={seq} {hq}:{hkv} {mask}")
+            for name, r in results.items():
+                print(f"  {name:<16} {r['tflops']:5.0f} TF/s  {r['mhz'] or 0:5.0f} MHz  "
+                      f"{r['watts'] or 0:4.0f} W  {r['gflop_per_joule'] or 0:5.0f} GFLOP/J  "
+                      f"{r['flop_per_sm_cycle'] or 0:5.0f} FLOP/SM/cycle  "
+                      f"power-capped {r.get('power_capped', float('nan')):.0%} "
+                      f"({r['samples']} samples)", flush=True)
+    finally:
+        sampler.stop()
+    result = dict(device=device_name(), date=datetime.date.today().isoformat(),
+                  jax=jax.__version__, nvidia_smi_fields=fields, missing_peers=missing,
+                  method=f"{FLAGS.rounds} interleaved rounds of {FLAGS.seconds} s windows per "
+                         f"implementation; nvidia-smi every {FLAGS.sample_ms} ms, the first "
+                         f"{FLAGS.settle} s of each window dropped; medians", rows=rows)
+    with open(FLAGS.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
