@@ -24,10 +24,11 @@ Kernel layout
   (with ``prefetch_q`` each compute warpgroup also loads its next tile's q rows into a second
   q tile meanwhile). Tiles are dealt out by :func:`persistent_tiles`: round-robin, q block
   fastest, when not causal; causal, longest first in rounds of alternating direction.
-* Producer warpgroup (registers lowered to 40): issues the TMA copies of k and v (and of the kv
-  segment ids, on k's barrier) into a ``kv_stages``-slot ring; before refilling a slot it waits
-  on that slot's "consumed" barriers (one arrival per compute warpgroup), separately for k and v.
-* Compute warpgroups (registers raised to 232): each TMA-copies its own 64 q rows, then per kv
+* Producer warpgroup (registers lowered to 40; ptxas ignores this and the compute warpgroups'
+  232, see ``_COMPUTE_REGS``): issues the TMA copies of k and v (and of the kv segment ids, on
+  k's barrier) into a ``kv_stages``-slot ring; before refilling a slot it waits on that slot's
+  "consumed" barriers (one arrival per compute warpgroup), separately for k and v.
+* Compute warpgroups: each TMA-copies its own 64 q rows, then per kv
   step waits k, runs S = q k^T (wgmma into a zero ``plgpu.ACC`` in ``pl.run_scoped``), releases k,
   applies the mask if needed, online softmax in fp32 (log2 domain, ``exp2``), waits v and runs
   acc += P v, releasing v (the next step's k wait is issued while that wgmma runs). With
@@ -94,6 +95,13 @@ from ccajax.pallas.sm90_pipeline import (FIRST_NAMED_BARRIER, NUM_NAMED_BARRIERS
 
 MAX_BLOCK = 256
 _LN2 = math.log(2.0)
+# Registers per thread of each compute warpgroup and of the producer (setmaxnreg) with two
+# compute warpgroups: 2 * 128 * 232 + 128 * 40 <= 65536. ptxas (jax 0.11.2's, on an H200)
+# ignores the pair (C7507, "to maintain minimum register requirements") for producer budgets
+# of 40 to 80, so every warpgroup keeps the launch's 168, in which the compute code fits
+# without spills (163). It honours a producer budget of 96, and then fails to fit the compute
+# code into 200 or 208 (C7600). NOTES_attention.md, 2026-12-02 (nineteenth session).
+_COMPUTE_REGS, _PRODUCER_REGS = 232, 40
 
 
 def _check_args(q, k, v, is_causal, scale, block_q, block_kv, segment_ids, compute_wgs,
@@ -309,9 +317,10 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         if named_barriers:
             k_consumed, v_consumed = named_k, named_v
         if compute_wgs == 2:
-            # 40 registers for the producer, 232 for each compute warpgroup.
-            pl.when(wg == compute_wgs)(lambda: plgpu.set_max_registers(40, action="decrease"))
-            pl.when(wg < compute_wgs)(lambda: plgpu.set_max_registers(232, action="increase"))
+            pl.when(wg == compute_wgs)(
+                lambda: plgpu.set_max_registers(_PRODUCER_REGS, action="decrease"))
+            pl.when(wg < compute_wgs)(
+                lambda: plgpu.set_max_registers(_COMPUTE_REGS, action="increase"))
 
         def schedule_sync():
             plgpu.barrier_arrive(schedule_barrier)
