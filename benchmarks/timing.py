@@ -12,18 +12,20 @@ import time
 import jax
 
 
+def _one_sync(fn, args, calls_per_sync: int) -> float:
+    """Seconds per call of ``calls_per_sync`` back-to-back calls of ``fn(*args)`` and one sync."""
+    start = time.perf_counter()
+    for _ in range(calls_per_sync):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls_per_sync
+
+
 def time_call(fn, *args, calls_per_sync: int = 10, repeats: int = 7, warmup: int = 2) -> float:
     """Median seconds per call of ``fn(*args)`` (already jitted), synced once per ``calls_per_sync``."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls_per_sync):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / calls_per_sync)
-    return statistics.median(samples)
+    return statistics.median(_one_sync(fn, args, calls_per_sync) for _ in range(repeats))
 
 
 WINDOW_HELP = ("If > 0, each entry's turn in a round is this many seconds of back-to-back syncs "
@@ -33,15 +35,11 @@ WINDOW_HELP = ("If > 0, each entry's turn in a round is this many seconds of bac
 
 def time_window(fn, *args, calls_per_sync: int = 10, seconds: float) -> float:
     """Median seconds per call of ``fn(*args)`` over syncs of ``calls_per_sync`` calls run back
-    to back for ``seconds``: the GPU's sustained speed, once its clocks have settled under load
-    (an H200 at its 700 W limit lowers them within a fraction of a second)."""
+    to back for ``seconds`` (at least one): its speed under sustained load, at the clocks that
+    load leaves (on an H200 every attention kernel then runs at the 700 W power limit)."""
     samples, start = [], time.perf_counter()
     while not samples or time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        for _ in range(calls_per_sync):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / calls_per_sync)
+        samples.append(_one_sync(fn, args, calls_per_sync))
     return statistics.median(samples)
 
 
