@@ -123,6 +123,40 @@ def test_power_sampler_parses_nvidia_smi_lines():
     assert parse_sample("1755, 698.12", quantities) is None
 
 
+def test_plot_attention_joins_runs_and_tables_ours_against_the_best_peer(tmp_path):
+    """Two attention.py runs (one per S) give one plot and one Markdown table: a row per cell,
+    ours over the fastest peer (the hybrid is ours, not a peer), bold only when ours is ahead."""
+    def run(path, seq, ours_fwd, hybrid):
+        def res(tflops):
+            return {"ms": 1.0, "tflops": tflops}
+        results = {"mosaic": {"fwd": res(ours_fwd), "fwdbwd": res(500.0)},
+                   "cudnn": {"fwd": res(600.0), "fwdbwd": res(490.0)},
+                   "tokamax": {"fwd": {"error": "no kernel"}, "fwdbwd": res(480.0)}}
+        if hybrid:
+            results["mosaic_fwd_cudnn_bwd"] = {"fwdbwd": res(520.0)}
+        paired = {"fwd": dict(peer="cudnn", median=0.98, min=0.97, max=1.01)}
+        path.write_text(json.dumps(dict(device="H", date="d", jax="j", rows=[dict(
+            seq=seq, batch=1, hq=8, hkv=2, causal=True, results=results,
+            ours_vs_best_peer=paired)])))
+        return str(path)
+
+    out = tmp_path / "both.png"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/plot_attention.py",
+         run(tmp_path / "a.json", 4096, 588.0, True), run(tmp_path / "b.json", 16384, 612.0, False),
+         f"--out={out}", "--table"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.stat().st_size > 0
+    lines = result.stdout.splitlines()
+    assert lines[0] == str(out)
+    assert "forward + backward: ccajax / ccajax fwd + cuDNN bwd / cuDNN / tokamax" in lines[1]
+    assert lines[3] == ("| 4k 8:2 causal | 588 / 600 / err | 0.980 | 0.98 (0.97-1.01) cudnn "
+                        "| 500 / 520 / 490 / 480 | **1.020** |  |")
+    assert lines[4].startswith("| 16k 8:2 causal | 612 / 600 / err | **1.020** |")
+    assert lines[4].endswith("| 500 / - / 490 / 480 | **1.020** |  |")  # -: no hybrid run
+
+
 def test_paired_speedup_compares_round_by_round():
     from benchmarks.timing import paired_speedup
     ours, peer = dict(round_ms=[1.0, 2.0, 1.0]), dict(round_ms=[1.1, 2.4, 0.9])
