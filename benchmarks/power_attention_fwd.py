@@ -10,8 +10,8 @@ while ``nvidia-smi -lms`` samples the GPU. A sample counts for the window it was
 after the window's first ``--settle`` seconds. Per implementation it prints TF/s over its
 windows, the median SM clock (MHz) and power (W), TF/s per kW (= GFLOP per joule) and FLOP per
 SM clock cycle, and the share of samples in which the driver reported the software power cap
-as a clock-limiting reason. At the power limit the GFLOP per joule decides the speed; with
-clocks free, FLOP per cycle does.
+as a clock-limiting reason. At the power limit the GFLOP per joule decides the speed; with clocks
+free, FLOP per cycle does.
 """
 
 from __future__ import annotations
@@ -128,8 +128,11 @@ def _window(fn, args, seconds: float) -> dict:
     return dict(start=start, end=time.time(), calls=calls)
 
 
-def _median(values):
-    return statistics.median(values) if values else None
+def _summary(quantity, values):
+    """Median of a window's samples; for ``power_capped`` (0 or 1) the share of samples."""
+    if not values:
+        return None
+    return statistics.fmean(values) if quantity == "power_capped" else statistics.median(values)
 
 
 def main(argv):
@@ -167,7 +170,7 @@ def main(argv):
                                                                    w["end"])]
                 per_window = [flops * w["calls"] / (w["end"] - w["start"]) / 1e12 for w in ws]
                 tflops = statistics.median(per_window)
-                stats = {q: _median([s[q] for s in samples if q in s]) for q in fields}
+                stats = {q: _summary(q, [s[q] for s in samples if q in s]) for q in fields}
                 results[name] = dict(
                     tflops=tflops, window_tflops=[round(t, 1) for t in per_window],
                     samples=len(samples), **stats,
