@@ -1,5 +1,5 @@
-"""Our forward kernel beside tokamax's under Nsight Compute: what each executes, instruction by
-instruction.
+"""Our forward kernel beside tokamax's under Nsight Compute (or, with ``--backward``, our
+backward kernel alone): what each executes, instruction by instruction, and where it spills.
 
 On the device (ncu works there with ``--clock-control none``), one process per cell; each
 kernel is compiled, then called once, and ncu profiles those calls:
@@ -13,8 +13,9 @@ kernel is compiled, then called once, and ncu profiles those calls:
         python3 benchmarks/ncu_attention_fwd.py --causal > $OUT/raw.csv
 
 Then, anywhere, ``--summarize=sass.csv [--raw=raw.csv] [--out=summary.json]`` prints each
-kernel's executed warp instructions and stall samples by opcode, the opcodes whose counts
-differ most between the kernels, and (from the raw page) duration, issue and stall metrics.
+kernel's executed warp instructions and stall samples by opcode, its local-memory (spill) loads
+and stores with the most executed of those instructions, the opcodes whose counts differ most
+between the kernels, and (from the raw page) duration, issue and stall metrics.
 tokamax needs its carried wheels (`benchmarks/attention.py`).
 """
 
@@ -31,6 +32,8 @@ from absl import app, flags
 flags.DEFINE_integer("seq", 16384, "Sequence length (batch 1).")
 flags.DEFINE_string("heads", "16:16", "Hq:Hkv.")
 flags.DEFINE_bool("causal", False, "Causal mask.")
+flags.DEFINE_bool("backward", False, "Run our backward kernel instead (dK/dV with dQ summed in it, "
+                  "on random out and lse: no forward kernel runs); tokamax is not run.")
 flags.DEFINE_string("summarize", None, "An ncu source-page CSV (--print-source sass) to "
                     "summarise instead of running the kernels.")
 flags.DEFINE_string("raw", None, "With --summarize: an ncu raw-page CSV of the same kernels.")
@@ -50,12 +53,21 @@ def run_kernels() -> None:
     import jax.numpy as jnp
 
     from benchmarks.peers import peers
+    from ccajax.pallas.attention_bwd_sm90 import attention_bwd
     from ccajax.pallas.attention_fwd_sm90 import attention_fwd
 
     hq, hkv = map(int, FLAGS.heads.split(":"))
     keys = jax.random.split(jax.random.key(1), 3)
     q = jax.random.normal(keys[0], (1, FLAGS.seq, hq, 128), jnp.bfloat16)
     k, v = (jax.random.normal(key, (1, FLAGS.seq, hkv, 128), jnp.bfloat16) for key in keys[1:])
+    if FLAGS.backward:  # the kernel's work does not depend on the values of out and lse
+        out, d_out = (jax.random.normal(key, q.shape, jnp.bfloat16)
+                      for key in jax.random.split(jax.random.key(2), 2))
+        lse = jnp.zeros((1, hq, FLAGS.seq), jnp.float32)
+        grads = jax.jit(lambda *args: attention_bwd(*args, is_causal=FLAGS.causal, scale=None))
+        jax.block_until_ready(grads(q, k, v, out, lse, d_out))
+        print("ran ours (backward)", flush=True)
+        return
     fns, missing = peers()
     runs = {"ours": lambda q, k, v: attention_fwd(q, k, v, is_causal=FLAGS.causal,
                                                   scale=None)[0]}
@@ -82,17 +94,36 @@ def _count(value: str) -> int:
     return int(value.replace(",", "") or 0)
 
 
+def _opcode(row: dict) -> str | None:
+    words = row["Source"].split()
+    if not words:
+        return None
+    return words[1] if words[0].startswith("@") else words[0]  # skip a predicate
+
+
 def opcode_counts(rows: list[dict]) -> tuple[collections.Counter, collections.Counter]:
     """(executed warp instructions, warp stall samples) per full opcode, e.g. ``IMAD.U32``."""
     executed, samples = collections.Counter(), collections.Counter()
     for row in rows:
-        words = row["Source"].split()
-        if not words:
+        opcode = _opcode(row)
+        if opcode is None:
             continue
-        opcode = words[1] if words[0].startswith("@") else words[0]  # skip a predicate
         executed[opcode] += _count(row["Instructions Executed"])
         samples[opcode] += _count(row["Warp Stall Sampling (All Samples)"])
     return executed, samples
+
+
+def local_memory(rows: list[dict], top: int = 12) -> dict:
+    """The spill traffic: executed local loads and stores (LDL / STL) and the most executed of
+    those instructions as (address, SASS, executed), to find the loop that spills."""
+    local = [row for row in rows if (_opcode(row) or "").startswith(("LDL", "STL"))]
+    hottest = sorted(local, key=lambda row: -_count(row["Instructions Executed"]))[:top]
+    return {"loads": sum(_count(r["Instructions Executed"]) for r in local
+                         if _opcode(r).startswith("LDL")),
+            "stores": sum(_count(r["Instructions Executed"]) for r in local
+                          if _opcode(r).startswith("STL")),
+            "hottest": [(row.get("Address", ""), row["Source"].strip(),
+                         _count(row["Instructions Executed"])) for row in hottest]}
 
 
 def raw_metrics(text: str) -> dict[str, dict[str, str]]:
@@ -120,6 +151,10 @@ def summarize(sass_path: str, raw_path: str | None, out_path: str | None) -> dic
               f"{sampled:,} stall samples")
         for op, n, pct in summary["kernels"][name]["top_opcodes"]:
             print(f"  {op:28s} {n:14,d} ({100 * n / total:4.1f}%)  samples {pct:4.1f}%")
+        spills = summary["kernels"][name]["local_memory"] = local_memory(kernels[name])
+        print(f"  local memory: {spills['loads']:,} loads, {spills['stores']:,} stores executed")
+        for address, source, n in spills["hottest"]:
+            print(f"    {address:>8s} {source:60s} {n:12,d}")
     if len(counts) == 2:
         (a, (ea, _)), (b, (eb, _)) = counts.items()
         diffs = sorted(set(ea) | set(eb), key=lambda op: -abs(ea[op] - eb[op]))[:16]

@@ -157,6 +157,35 @@ def test_plot_attention_joins_runs_and_tables_ours_against_the_best_peer(tmp_pat
     assert lines[4].endswith("| 500 / - / 490 / 480 | **1.020** |  |")  # -: no hybrid run
 
 
+def test_ncu_summary_counts_opcodes_and_spills(tmp_path):
+    """`ncu_attention_fwd.py --summarize` on a source page of two kernels (ncu's CSV layout):
+    executed instructions per opcode (a predicate is not the opcode), local loads and stores
+    with the hottest first, and the opcodes that differ most between the kernels."""
+    header = '"Address","Source","Instructions Executed","Warp Stall Sampling (All Samples)"'
+    ours = ['"0x10","HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ","1,000","50"',
+            '"0x20","@P0 STL [R1+0x8], R12","30","2"', '"0x30","LDL R12, [R1+0x8]","45","9"',
+            '"0x40","@!P1 LDL.64 R14, [R1+0x10]","5","1"']
+    theirs = ['"0x10","HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ","1,000","40"',
+              '"0x20","IMAD.U32 R2, R3, 0x2, RZ","7","0"']
+    sass = tmp_path / "sass.csv"
+    sass.write_text("\n".join(['==PROF== Connected to process 1', '"Kernel Name","ours",', header,
+                               *ours, '"Kernel Name","theirs",', header, *theirs]) + "\n")
+    out = tmp_path / "out.json"
+    result = subprocess.run(  # its own process: the script defines absl flags
+        [sys.executable, "benchmarks/ncu_attention_fwd.py", f"--summarize={sass}", f"--out={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "local memory: 50 loads, 30 stores executed" in result.stdout
+    summary = json.loads(out.read_text())
+    spills = summary["kernels"]["ours"]["local_memory"]
+    assert (spills["loads"], spills["stores"]) == (50, 30)
+    assert [h[0] for h in spills["hottest"]] == ["0x30", "0x20", "0x40"]
+    assert summary["kernels"]["theirs"]["local_memory"] == dict(loads=0, stores=0, hottest=[])
+    assert summary["kernels"]["ours"]["executed"] == 1080
+    assert summary["largest_differences"][0] == ["LDL", 45, 0]
+    assert summary["kernels"]["ours"]["samples"] == 62
+
+
 def test_paired_speedup_compares_round_by_round():
     from benchmarks.timing import paired_speedup
     ours, peer = dict(round_ms=[1.0, 2.0, 1.0]), dict(round_ms=[1.1, 2.4, 0.9])
