@@ -9,7 +9,7 @@ kernel is compiled, then called once, and ncu profiles those calls:
         python3 benchmarks/ncu_attention_fwd.py --causal > $OUT/sass.csv
     ncu --clock-control none -k regex:"mosaic|flash" --section SpeedOfLight \\
         --section WarpStateStats --section InstructionStats --section ComputeWorkloadAnalysis \\
-        --section SchedulerStats --page raw --csv \\
+        --section SchedulerStats --section MemoryWorkloadAnalysis --page raw --csv \\
         python3 benchmarks/ncu_attention_fwd.py --causal > $OUT/raw.csv
 
 Then, anywhere, ``--summarize=sass.csv [--raw=raw.csv] [--out=summary.json]`` prints each
@@ -44,7 +44,10 @@ FLAGS = flags.FLAGS
 RAW_METRICS = ("gpu__time_duration.sum", "smsp__inst_executed.sum",
                "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",
                "smsp__issue_active.avg.pct_of_peak_sustained_active",
-               "smsp__warps_active.avg.per_cycle_active")
+               "smsp__warps_active.avg.per_cycle_active",
+               # L2 and DRAM traffic (each CTA reads its head's whole k and v through L2).
+               "lts__t_bytes.sum.per_second", "lts__throughput.avg.pct_of_peak_sustained_elapsed",
+               "dram__bytes_read.sum.per_second")
 STALL_PREFIX = "smsp__average_warps_issue_stalled_"
 
 
