@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks.fwd_configs import CONFIGS, HEAD_DIM
 from benchmarks.peers import peers
 from benchmarks.timing import device_name
-from benchmarks.fwd_configs import CONFIGS, HEAD_DIM
 from ccajax.pallas.attention_fwd_sm90 import attention_fwd
 from ccajax.pallas.sm90_common import sm_count
 
@@ -160,9 +160,9 @@ def main(argv):
             for fn in runs.values():  # compile and warm up
                 jax.block_until_ready(fn(q, k, v))
             windows = {name: [] for name in runs}
-            for _ in range(FLAGS.rounds):
-                for name, fn in runs.items():
-                    windows[name].append(_window(fn, (q, k, v), FLAGS.seconds))
+            for round_ in range(FLAGS.rounds):  # odd rounds in reverse, as `time_interleaved`
+                for name in (reversed(runs) if round_ % 2 else runs):
+                    windows[name].append(_window(runs[name], (q, k, v), FLAGS.seconds))
             time.sleep(2 * FLAGS.sample_ms / 1e3)  # the last samples' lines
             results = {}
             for name, ws in windows.items():
@@ -181,18 +181,20 @@ def main(argv):
                              results=results))
             print(f"S={seq} {hq}:{hkv} {mask}")
             for name, r in results.items():
+                capped = r.get("power_capped")
                 print(f"  {name:<16} {r['tflops']:5.0f} TF/s  {r['mhz'] or 0:5.0f} MHz  "
                       f"{r['watts'] or 0:4.0f} W  {r['gflop_per_joule'] or 0:5.0f} GFLOP/J  "
-                      f"{r['flop_per_sm_cycle'] or 0:5.0f} FLOP/SM/cycle  "
-                      f"power-capped {r.get('power_capped', float('nan')):.0%} "
+                      f"{r['flop_per_sm_cycle'] or 0:5.0f} FLOP/SM/cycle  power-capped "
+                      f"{'n/a' if capped is None else f'{capped:.0%}'} "
                       f"({r['samples']} samples)", flush=True)
     finally:
         sampler.stop()
     result = dict(device=device_name(), date=datetime.date.today().isoformat(),
                   jax=jax.__version__, nvidia_smi_fields=fields, missing_peers=missing,
-                  method=f"{FLAGS.rounds} interleaved rounds of {FLAGS.seconds} s windows per "
-                         f"implementation; nvidia-smi every {FLAGS.sample_ms} ms, the first "
-                         f"{FLAGS.settle} s of each window dropped; medians", rows=rows)
+                  method=f"{FLAGS.rounds} interleaved rounds (odd ones in reverse order) of "
+                         f"{FLAGS.seconds} s windows per implementation; nvidia-smi every "
+                         f"{FLAGS.sample_ms} ms, the first {FLAGS.settle} s of each window "
+                         f"dropped; medians (power_capped: the share of samples)", rows=rows)
     with open(FLAGS.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {FLAGS.out}")
