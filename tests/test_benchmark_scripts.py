@@ -112,7 +112,7 @@ def test_time_interleaved_windows_run_each_job_for_its_window():
 
 
 def test_power_sampler_parses_nvidia_smi_lines():
-    from benchmarks.power_attention_fwd import parse_sample
+    from benchmarks.nvidia_smi import parse_sample
     quantities = ["mhz", "watts", "power_capped"]
     stamp, values = parse_sample("2026/12/02 05:30:01.250, 1755, 698.12, Active\n", quantities)
     assert values == {"mhz": 1755.0, "watts": 698.12, "power_capped": 1.0}
