@@ -1,5 +1,10 @@
-"""Named option sets of `attention_fwd` that the forward benchmarks compare (no flags:
-importable by every script)."""
+"""Named option sets of `attention_fwd` that the forward benchmarks compare, and the inputs
+and jitted forwards of one cell (no flags: importable by every script)."""
+
+import jax
+import jax.numpy as jnp
+
+from ccajax.pallas.attention_fwd_sm90 import attention_fwd
 
 HEAD_DIM = 128
 
@@ -20,3 +25,27 @@ CONFIGS = {
     # Before 2026-12-02 (session 18): the producer's copies and slot syncs on all four warps.
     "warpgroup_producer": dict(single_warp_producer=False),
 }
+
+
+def cell_inputs(batch: int, seq: int, hq: int, hkv: int):
+    """Random bf16 q (B, S, Hq, d), k and v (B, S, Hkv, d) of one cell, seeded by its heads."""
+    keys = jax.random.split(jax.random.key(hq * 7 + hkv), 3)
+    q = jax.random.normal(keys[0], (batch, seq, hq, HEAD_DIM), jnp.bfloat16)
+    k, v = (jax.random.normal(key, (batch, seq, hkv, HEAD_DIM), jnp.bfloat16)
+            for key in keys[1:])
+    return q, k, v
+
+
+def forward_flops(batch: int, seq: int, hq: int, causal: bool) -> float:
+    """4*B*S^2*Hq*d, halved when causal."""
+    return 4 * batch * seq**2 * hq * HEAD_DIM * (0.5 if causal else 1.0)
+
+
+def forward_runs(fns: dict, peer_names, config_names, causal: bool, prefix: str = "") -> dict:
+    """name -> jitted (q, k, v) -> out: each peer of ``fns`` (`benchmarks.peers.peers`) named in
+    ``peer_names``, then ``attention_fwd`` with each of ``config_names``'s CONFIGS (its name
+    after ``prefix``)."""
+    runs = {p: jax.jit(lambda q, k, v, p=p: fns[p](q, k, v, causal)) for p in peer_names}
+    runs.update({prefix + n: jax.jit(lambda q, k, v, cfg=CONFIGS[n]: attention_fwd(
+        q, k, v, is_causal=causal, scale=None, **cfg)[0]) for n in config_names})
+    return runs

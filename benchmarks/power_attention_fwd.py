@@ -22,14 +22,12 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks.fwd_configs import CONFIGS, HEAD_DIM
+from benchmarks.fwd_configs import cell_inputs, forward_flops, forward_runs
 from benchmarks.nvidia_smi import Sampler, supported_fields
 from benchmarks.peers import peers
 from benchmarks.timing import device_name
-from ccajax.pallas.attention_fwd_sm90 import attention_fwd
 from ccajax.pallas.sm90_common import sm_count
 
 flags.DEFINE_string("out", "benchmarks/results/power_attention_fwd.json", "JSON output path.")
@@ -74,14 +72,9 @@ def main(argv):
             seq, hq, hkv, mask = cell.split(":")
             seq, hq, hkv, causal = int(seq), int(hq), int(hkv), mask == "causal"
             batch = max(1, 16384 // seq)
-            keys = jax.random.split(jax.random.key(hq * 7 + hkv), 3)
-            q = jax.random.normal(keys[0], (batch, seq, hq, HEAD_DIM), jnp.bfloat16)
-            k, v = (jax.random.normal(key, (batch, seq, hkv, HEAD_DIM), jnp.bfloat16)
-                    for key in keys[1:])
-            flops = 4 * batch * seq**2 * hq * HEAD_DIM * (0.5 if causal else 1.0)
-            runs = {p: jax.jit(lambda q, k, v, p=p: fns[p](q, k, v, causal)) for p in peer_names}
-            runs.update({f"ours:{n}": jax.jit(lambda q, k, v, cfg=CONFIGS[n]: attention_fwd(
-                q, k, v, is_causal=causal, scale=None, **cfg)[0]) for n in FLAGS.configs})
+            q, k, v = cell_inputs(batch, seq, hq, hkv)
+            flops = forward_flops(batch, seq, hq, causal)
+            runs = forward_runs(fns, peer_names, FLAGS.configs, causal, prefix="ours:")
             for fn in runs.values():  # compile and warm up
                 jax.block_until_ready(fn(q, k, v))
             windows = {name: [] for name in runs}

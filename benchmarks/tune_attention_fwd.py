@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import functools
 
-import jax
-import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks.fwd_configs import CONFIGS, HEAD_DIM
+from benchmarks.fwd_configs import CONFIGS, cell_inputs, forward_flops, forward_runs
 from benchmarks.peers import peers
 from benchmarks.timing import (WINDOW_HELP, format_vs_cudnn, time_interleaved, with_tflops,
                                write_sweep)
-from ccajax.pallas.attention_fwd_sm90 import attention_fwd
 
 flags.DEFINE_string("out", "benchmarks/results/tune_attention_fwd.json", "JSON output path.")
 flags.DEFINE_list("seq_lens", ["4096", "16384"], "Sequence lengths.")
@@ -50,17 +47,11 @@ def main(argv):
         batch = max(1, FLAGS.tokens // seq)
         for heads in FLAGS.heads:
             hq, hkv = map(int, heads.split(":"))
-            keys = jax.random.split(jax.random.key(hq * 7 + hkv), 3)
-            q = jax.random.normal(keys[0], (batch, seq, hq, HEAD_DIM), jnp.bfloat16)
-            k, v = (jax.random.normal(key, (batch, seq, hkv, HEAD_DIM), jnp.bfloat16)
-                    for key in keys[1:])
+            q, k, v = cell_inputs(batch, seq, hq, hkv)
             for causal in (m == "causal" for m in FLAGS.masks):
-                flops = 4 * batch * seq**2 * hq * HEAD_DIM * (0.5 if causal else 1.0)
+                flops = forward_flops(batch, seq, hq, causal)
                 row = dict(seq=seq, batch=batch, hq=hq, hkv=hkv, causal=causal, results={})
-                runs = {p: jax.jit(lambda q, k, v, p=p: fns[p](q, k, v, causal))
-                        for p in peer_names}
-                runs.update({n: jax.jit(lambda q, k, v, cfg=CONFIGS[n]: attention_fwd(
-                    q, k, v, is_causal=causal, scale=None, **cfg)[0]) for n in names})
+                runs = forward_runs(fns, peer_names, names, causal)
                 timings = time_interleaved([(fn, (q, k, v), 10) for fn in runs.values()],
                                            repeats=FLAGS.repeats, window_s=FLAGS.window_s)
                 row["results"] = {name: with_tflops(res, flops)
