@@ -24,6 +24,11 @@ CONFIGS = {
     "auto_barriers": dict(auto_barriers=True),
     # Before 2026-12-02 (session 18): the producer's copies and slot syncs on all four warps.
     "warpgroup_producer": dict(single_warp_producer=False),
+    # Clusters of 2 CTAs on adjacent q blocks sharing each k/v tile by TMA multicast.
+    "kv_multicast": dict(kv_multicast=True),
+    "persistent_kv_multicast": dict(persistent=True, kv_multicast=True),
+    "persistent_prefetch_q_kv_multicast": dict(persistent=True, prefetch_q=True,
+                                               kv_multicast=True),
 }
 
 

@@ -298,17 +298,21 @@ def _args(**over):
                                        r"got single_warp_producer='yes'"),
     (dict(named_barriers=True, oneway_pingpong=False),
      r"named_barriers=True needs oneway_pingpong=True"),
+    (dict(kv_multicast=True, persistent=True, num_ctas=7),
+     r"kv_multicast=True on the persistent grid launches CTAs in pairs: num_ctas must be "
+     r"even; got num_ctas=7"),
 ], ids=["f32", "mixed-dtypes", "d96", "hkv-not-dividing", "block_q96", "block_kv32",
         "k-v-shapes", "batch", "q-3d", "q-k-head-dim", "negative-scale",
         "segments-sq-ne-sk", "segments-shape", "segments-float", "compute-wgs3",
-        "num-ctas0", "single-warp-producer-yes", "named-rendezvous"])
+        "num-ctas0", "single-warp-producer-yes", "named-rendezvous",
+        "multicast-odd-ctas"])
 def test_errors(over, match):
     arrays, kwargs = _args(**over)
     with pytest.raises(ValueError, match=match):
         attention_fwd(*arrays, **kwargs)
 
 
-@pytest.mark.parametrize("option", ["register_p", "named_barriers"])
+@pytest.mark.parametrize("option", ["register_p", "named_barriers", "kv_multicast"])
 def test_gpu_only_options_refused_in_interpret_mode(option):
     arrays, kwargs = _args()
     with pytest.raises(ValueError, match=rf"{option}=True is not supported in Mosaic GPU "
@@ -355,6 +359,19 @@ GPU_CONFIGS = {
     "warpgroup-producer": dict(single_warp_producer=False),
     "warpgroup-producer-mbarriers-8-ctas": dict(single_warp_producer=False, named_barriers=False,
                                                 persistent=True, num_ctas=8),
+    # Pairs of CTAs (8 q blocks: 4 clusters per head) multicasting each k/v tile; causal pairs
+    # differ by one kv step, which the earlier block's warpgroups flush.
+    "kv-multicast": dict(kv_multicast=True),
+    # Unpaired CTAs (the default pairs them on a GPU when not causal).
+    "no-kv-multicast": dict(kv_multicast=False),
+    "no-kv-multicast-8-ctas": dict(kv_multicast=False, persistent=True, num_ctas=8),
+    "kv-multicast-mbarriers": dict(kv_multicast=True, named_barriers=False),
+    "kv-multicast-warpgroup-producer-b64": dict(kv_multicast=True, single_warp_producer=False,
+                                                block_q=64, block_kv=64),
+    # 4 clusters over 64 pair tiles (2 batches x 8 heads x 4 q-block pairs).
+    "kv-multicast-persistent-8-ctas": dict(kv_multicast=True, persistent=True, num_ctas=8),
+    "kv-multicast-persistent-prefetch-q": dict(kv_multicast=True, persistent=True,
+                                               prefetch_q=True),
 }
 
 
@@ -380,8 +397,11 @@ def test_compiled_on_gpu(rng, config, is_causal, segments):
                                atol=LSE_TOL, rtol=LSE_TOL)
 
 
-@pytest.mark.parametrize("options", [{}, dict(persistent=True, prefetch_q=True)],
-                         ids=["default", "persistent-prefetch-q"])
+@pytest.mark.parametrize("options", [{}, dict(persistent=True, prefetch_q=True),
+                                     dict(kv_multicast=True),
+                                     dict(kv_multicast=True, persistent=True)],
+                         ids=["default", "persistent-prefetch-q", "kv-multicast",
+                              "kv-multicast-persistent"])
 @pytest.mark.parametrize("segments", [False, True], ids=["nosegs", "segs"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_lowers_for_the_gpu(is_causal, segments, options):

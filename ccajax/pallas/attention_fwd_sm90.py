@@ -120,6 +120,14 @@ def _check_args(q, k, v, is_causal, scale, block_q, block_kv, segment_ids, compu
 # 16k -2 / -5 / -0.6%: the saved pipeline fill per tile matters only while tiles are short.
 PERSISTENT_MAX_SEQ_K = 4096
 
+# kv_multicast=None: pairs of CTAs share each k/v tile except under causal masking up to this
+# Sk. H200, sustained 1 s windows (tune_attention_fwd_h200_2026-12-02_kv_multicast*.json):
+# +1.0-1.4% at 16k non-causal (595-596 TF/s, ahead of tokamax's 588-590) and +0.5-1.4% causal,
+# +1-2% at 8k; at 4k causal -0.2 to -2% (one CTA of each pair flushes a kv step it does not
+# need, a larger share of short tiles). 4k non-causal on the persistent grid: +2% (16:16).
+# The causal persistent grid (never the default) stalled at 4k with pairs: not paired by default.
+KV_MULTICAST_MIN_CAUSAL_SEQ_K = 4096
+
 
 def persistent_tiles(cta, *, num_ctas: int, batch: int, num_heads: int, num_q_blocks: int,
                      is_causal: bool):
@@ -160,7 +168,8 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
                   early_k_wait: bool = True, oneway_pingpong: bool = True,
                   persistent: bool | None = None, num_ctas: int | None = None,
                   named_barriers: bool | None = None, auto_barriers: bool = False,
-                  prefetch_q: bool = False, single_warp_producer: bool | None = None):
+                  prefetch_q: bool = False, single_warp_producer: bool | None = None,
+                  kv_multicast: bool | None = None):
     """Flash-attention forward on Hopper; see the module docstring for the kernel layout.
 
     Args:
@@ -215,6 +224,17 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
         issued once), which ncu counted as 3.8% more instructions for the whole kernel. None:
         True, except for inputs batch-sharded inside `jax.shard_map`
         (`resolve_single_warp_producer`).
+      kv_multicast: launch the per-tile grid in clusters of 2 CTAs on adjacent query blocks of
+        one (head, batch), whose producers each TMA-copy half of every k/v tile and multicast
+        it into both CTAs' shared memory: each tile leaves L2 once per pair instead of once per
+        CTA. The slots' "consumed" signals become cluster mbarriers (both CTAs' compute
+        warpgroups release a slot before either producer refills it); under causal masking
+        both CTAs load the later block's kv steps and the earlier one flushes the extra one.
+        On the persistent grid, each cluster walks the tiles of pairs of query blocks
+        (``num_ctas`` must then be even; None: the SM count rounded down to even). Ignored
+        when the number of query blocks is odd. GPU only (jax 0.11.2's interpreter ignores
+        multicast). None: on a GPU, except under causal masking with Sk <=
+        ``KV_MULTICAST_MIN_CAUSAL_SEQ_K`` or on the persistent grid (measured, see there).
     Returns:
       (out, lse): out (B, Sq, Hq, d) in q's dtype; lse (B, Hq, Sq) float32, natural-log
       log-sum-exp of the scaled scores, -inf for rows that see no key (their out is 0).
@@ -237,10 +257,23 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
         check_interpret_threads(compute_wgs + 1)
     if persistent is None:
         persistent = not is_causal and k.shape[1] <= PERSISTENT_MAX_SEQ_K
+    if kv_multicast is None:
+        odd_ctas = persistent and isinstance(num_ctas, int) and num_ctas % 2 == 1
+        kv_multicast = not in_interpret_mode() and not odd_ctas and (
+            not is_causal or (k.shape[1] > KV_MULTICAST_MIN_CAUSAL_SEQ_K and not persistent))
+    if kv_multicast and in_interpret_mode():
+        raise ValueError("kv_multicast=True is not supported in Mosaic GPU interpret mode (its "
+                         "TMA copies ignore multicast); use kv_multicast=False")
+    if persistent and (num_ctas is not None
+                       and (not isinstance(num_ctas, int) or num_ctas < 1)):
+        raise ValueError(f"num_ctas must be a positive int; got num_ctas={num_ctas!r}")
+    if persistent and kv_multicast and num_ctas is not None and num_ctas % 2:
+        raise ValueError(f"kv_multicast=True on the persistent grid launches CTAs in pairs: "
+                         f"num_ctas must be even; got num_ctas={num_ctas!r}")
     if persistent and num_ctas is None:
         num_ctas = 2 if in_interpret_mode() else sm_count()
-    if persistent and (not isinstance(num_ctas, int) or num_ctas < 1):
-        raise ValueError(f"num_ctas must be a positive int; got num_ctas={num_ctas!r}")
+        if kv_multicast:
+            num_ctas -= num_ctas % 2
     if named_barriers is None:
         named_barriers = not in_interpret_mode() and oneway_pingpong
     if named_barriers and in_interpret_mode():
@@ -258,17 +291,20 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
                           named_barriers=named_barriers, auto_barriers=bool(auto_barriers),
                           prefetch_q=bool(prefetch_q and persistent),
                           single_warp_producer=resolve_single_warp_producer(
-                              single_warp_producer, q, k, v, segment_ids))
+                              single_warp_producer, q, k, v, segment_ids),
+                          kv_multicast=bool(kv_multicast))
 
 
 @functools.partial(jax.jit, static_argnames=("is_causal", "scale", "block_q", "block_kv",
                                              "compute_wgs", "kv_stages", "register_p",
                                              "pingpong", "early_k_wait", "oneway_pingpong",
                                              "num_ctas", "named_barriers", "auto_barriers",
-                                             "prefetch_q", "single_warp_producer"))
+                                             "prefetch_q", "single_warp_producer",
+                                             "kv_multicast"))
 def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv, compute_wgs,
                    kv_stages, register_p, pingpong, early_k_wait, oneway_pingpong,
-                   num_ctas, named_barriers, auto_barriers, prefetch_q, single_warp_producer):
+                   num_ctas, named_barriers, auto_barriers, prefetch_q, single_warp_producer,
+                   kv_multicast):
     batch, seq_q, num_q_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
@@ -291,6 +327,9 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
     num_q_blocks = seq_q_pad // block_q
     num_kv_blocks = seq_k_pad // block_kv
     stages = min(kv_stages, num_kv_blocks)
+    # CTAs per cluster along the query blocks (kv_multicast): pairs share each k/v tile.
+    pair = 2 if kv_multicast and num_q_blocks % 2 == 0 else 1
+    copy_kwargs = dict(collective_axes="pair") if pair == 2 else {}
     # Query i sees key j iff j <= i + causal_offset (last query aligned with last key).
     causal_offset = seq_k - seq_q
     # Scores are kept in log2 units: s = (q . k) * scale * log2(e), so softmax uses exp2.
@@ -298,9 +337,11 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
 
     kv_range = KVSteps(is_causal=is_causal, causal_offset=causal_offset, seq_k=seq_k,
                        block_kv=block_kv, num_kv_blocks=num_kv_blocks, has_segments=has_segments)
-    # Named barrier ids: the turns (2 sets when persistent), then the k and the v slots.
+    # Named barrier ids: the turns (2 sets when persistent), then the k and the v slots (on
+    # cluster mbarriers instead when a pair shares the slots: named barriers are per CTA).
     turn_ids = FIRST_NAMED_BARRIER
-    if named_barriers:
+    named_slots = named_barriers and pair == 1
+    if named_slots:
         k_ids = turn_ids + (4 if persistent else 2)
         slot_threads = compute_wgs * THREADS_PER_WG + (
             THREADS_PER_WARP if single_warp_producer else THREADS_PER_WG)
@@ -314,7 +355,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         else:
             (q_ref, k_ref, v_ref, out_ref, lse_ref), seg_ref = refs, None
         wg = lax.axis_index("wg")
-        if named_barriers:
+        if named_slots:
             k_consumed, v_consumed = named_k, named_v
         if compute_wgs == 2:
             pl.when(wg == compute_wgs)(
@@ -368,7 +409,10 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             ring position after its last step (the next tile's ``step0``)."""
             kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
             cta_q_start = q_block * block_q
-            cta_steps, _ = kv_range(cta_q_start, block_q)
+            # The kv steps the producer loads: a pair's CTAs load the same ones (the later q
+            # block's, under causal masking), each half of every tile.
+            cta_steps, _ = kv_range(cta_q_start - lax.rem(q_block, jnp.int32(pair)) * block_q
+                                    if pair > 1 else cta_q_start, pair * block_q)
             next_step0 = step0 + cta_steps
 
             def ring_slot(step):
@@ -380,15 +424,15 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                 def issue_k(step, slot):
                     rows = pl.ds(step * block_kv, block_kv)
                     plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot],
-                                            k_barriers.at[slot])
+                                            k_barriers.at[slot], **copy_kwargs)
                     if has_segments:  # the kv ids share the k barrier (2 arrivals)
                         plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], seg_kv_smem.at[slot],
-                                                k_barriers.at[slot])
+                                                k_barriers.at[slot], **copy_kwargs)
 
                 def issue_v(step, slot):
                     rows = pl.ds(step * block_kv, block_kv)
                     plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot],
-                                            v_barriers.at[slot])
+                                            v_barriers.at[slot], **copy_kwargs)
 
                 run_producer(lambda: ring_producer(
                     copies=((issue_k, k_consumed), (issue_v, v_consumed)), steps=cta_steps,
@@ -547,9 +591,16 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         if persistent:
             # A CTA's i-th tile starts at the ring position where its (i-1)-th ended (the carry)
             # and uses turn set i % 2.
-            count, tile_at = persistent_tiles(
-                lax.axis_index("ctas"), num_ctas=num_ctas, batch=batch, num_heads=num_q_heads,
-                num_q_blocks=num_q_blocks, is_causal=is_causal)
+            # With pairs, the clusters walk the tiles of pairs of q blocks.
+            count, pair_tile_at = persistent_tiles(
+                lax.axis_index("ctas"), num_ctas=num_ctas // pair, batch=batch,
+                num_heads=num_q_heads, num_q_blocks=num_q_blocks // pair, is_causal=is_causal)
+
+            def tile_at(i):
+                q_head, q_block, b = pair_tile_at(i)
+                if pair > 1:
+                    q_block = q_block * pair + lax.axis_index("pair")
+                return q_head, q_block, b
 
             def run_tile(i, step0):
                 q_head, q_block, b = tile_at(i)
@@ -564,6 +615,8 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                 stages=stages), single_warp=single_warp_producer))
         else:
             q_block = lax.axis_index("q_blocks")
+            if pair > 1:
+                q_block = q_block * pair + lax.axis_index("pair")
             if is_causal:
                 # Longest rows first, so that the short causal blocks fill the tail of the grid.
                 q_block = num_q_blocks - 1 - q_block
@@ -572,6 +625,8 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
     transforms = tile_transforms()
     tx_arrivals = 2 if has_segments else 1  # a second TMA copy (the ids) per barrier
     q_tiles = 2 if prefetch_q else 1  # q tiles per compute warpgroup
+    consumed = (functools.partial(plgpu.ClusterBarrier, collective_axes=("pair",))
+                if pair > 1 else plgpu.Barrier)
     scratch = dict(
         q_smem=plgpu.SMEM((q_tiles * compute_wgs, wg_rows, head_dim), dtype,
                           transforms=transforms),
@@ -586,10 +641,10 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         q_barriers=plgpu.Barrier(num_arrivals=tx_arrivals, num_barriers=q_tiles * compute_wgs),
         k_barriers=plgpu.Barrier(num_arrivals=tx_arrivals, num_barriers=stages),
         v_barriers=plgpu.Barrier(num_barriers=stages),
-        k_consumed=(None if named_barriers else
-                    plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages)),
-        v_consumed=(None if named_barriers else
-                    plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages)),
+        k_consumed=(None if named_slots else
+                    consumed(num_arrivals=compute_wgs, num_barriers=stages)),
+        v_consumed=(None if named_slots else
+                    consumed(num_arrivals=compute_wgs, num_barriers=stages)),
         schedule_barrier=(None if named_barriers else
                           plgpu.Barrier(num_barriers=4 if persistent else 2) if oneway else
                           plgpu.Barrier(num_arrivals=compute_wgs) if pingpong else None),
@@ -603,8 +658,9 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
         out_type=(jax.ShapeDtypeStruct((batch, seq_q_pad, num_q_heads, head_dim), dtype),
                   jax.ShapeDtypeStruct((batch, num_q_heads, seq_q_pad), jnp.float32)),
         scratch_types=scratch,
-        grid=(num_ctas,) if persistent else (num_q_heads, num_q_blocks, batch),
+        grid=(num_ctas // pair,) if persistent else (num_q_heads, num_q_blocks // pair, batch),
         grid_names=("ctas",) if persistent else ("heads", "q_blocks", "batch"),
+        **(dict(cluster=(pair,), cluster_names=("pair",)) if pair > 1 else {}),
         num_threads=compute_wgs + 1,
         thread_name="wg",
         # Mosaic reserves 2 KB of SMEM for reductions across warps; this kernel's row reductions
