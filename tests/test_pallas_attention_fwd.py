@@ -301,11 +301,13 @@ def _args(**over):
     (dict(kv_multicast=True, persistent=True, num_ctas=7),
      r"kv_multicast=True on the persistent grid launches CTAs in pairs: num_ctas must be "
      r"even; got num_ctas=7"),
+    (dict(kv_multicast=True, persistent=True, prefetch_q=True, is_causal=True),
+     r"kv_multicast=True with prefetch_q=True on the causal persistent grid is not supported"),
 ], ids=["f32", "mixed-dtypes", "d96", "hkv-not-dividing", "block_q96", "block_kv32",
         "k-v-shapes", "batch", "q-3d", "q-k-head-dim", "negative-scale",
         "segments-sq-ne-sk", "segments-shape", "segments-float", "compute-wgs3",
         "num-ctas0", "single-warp-producer-yes", "named-rendezvous",
-        "multicast-odd-ctas"])
+        "multicast-odd-ctas", "multicast-causal-prefetch"])
 def test_errors(over, match):
     arrays, kwargs = _args(**over)
     with pytest.raises(ValueError, match=match):
@@ -370,8 +372,8 @@ GPU_CONFIGS = {
                                                 block_q=64, block_kv=64),
     # 4 clusters over 64 pair tiles (2 batches x 8 heads x 4 q-block pairs).
     "kv-multicast-persistent-8-ctas": dict(kv_multicast=True, persistent=True, num_ctas=8),
-    "kv-multicast-persistent-prefetch-q": dict(kv_multicast=True, persistent=True,
-                                               prefetch_q=True),
+    "kv-multicast-persistent-prefetch-q-8-ctas": dict(kv_multicast=True, persistent=True,
+                                                      prefetch_q=True, num_ctas=8),
 }
 
 
@@ -386,6 +388,10 @@ def test_compiled_on_gpu(rng, config, is_causal, segments):
     ids = _packed_segment_ids(rng, 2, 1000, max_len=300) if segments else None
     if segments and config == GPU_CONFIGS["3-stages"]:
         with pytest.raises(ValueError, match="exceeds available shared memory"):
+            attention_fwd(q, k, v, is_causal=is_causal, scale=None, segment_ids=ids, **config)
+        return
+    if is_causal and config == GPU_CONFIGS["kv-multicast-persistent-prefetch-q-8-ctas"]:
+        with pytest.raises(ValueError, match="is not supported"):  # it stalled
             attention_fwd(q, k, v, is_causal=is_causal, scale=None, segment_ids=ids, **config)
         return
     out, lse = attention_fwd(q, k, v, is_causal=is_causal, scale=None, segment_ids=ids, **config)

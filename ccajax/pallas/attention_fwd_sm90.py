@@ -125,7 +125,9 @@ PERSISTENT_MAX_SEQ_K = 4096
 # +1.0-1.4% at 16k non-causal (595-596 TF/s, ahead of tokamax's 588-590) and +0.5-1.4% causal,
 # +1-2% at 8k; at 4k causal -0.2 to -2% (one CTA of each pair flushes a kv step it does not
 # need, a larger share of short tiles). 4k non-causal on the persistent grid: +2% (16:16).
-# The causal persistent grid (never the default) stalled at 4k with pairs: not paired by default.
+# The causal persistent grid is never the default; paired, it ran 516 TF/s at 4k 16:16 in a
+# 20-call probe (per-tile unpaired: ~498 sustained), not yet timed side by side; with
+# prefetch_q as well it stalled (refused).
 KV_MULTICAST_MIN_CAUSAL_SEQ_K = 4096
 
 
@@ -264,6 +266,10 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
     if kv_multicast and in_interpret_mode():
         raise ValueError("kv_multicast=True is not supported in Mosaic GPU interpret mode (its "
                          "TMA copies ignore multicast); use kv_multicast=False")
+    if kv_multicast and is_causal and persistent and prefetch_q:
+        raise ValueError("kv_multicast=True with prefetch_q=True on the causal persistent grid "
+                         "is not supported (it stalled on an H200 at S=4096, 16:16); use "
+                         "prefetch_q=False or kv_multicast=False")
     if persistent and (num_ctas is not None
                        and (not isinstance(num_ctas, int) or num_ctas < 1)):
         raise ValueError(f"num_ctas must be a positive int; got num_ctas={num_ctas!r}")
