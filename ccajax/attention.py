@@ -119,7 +119,10 @@ def on_hopper() -> bool:
 # Re-measured with dq summed in the dK/dV kernel (fused_dq, tenth session; *_fused_dq.json):
 # attention alone, ours is now within 2% of the hybrid at 16k and 4k non-causal and 3-17% ahead
 # at 4k causal, but inside the 16k CCA/MHA layers the hybrid's fwd+bwd was 1-7% faster in all
-# 8 cells (layers_h200_2026-12-01_16k_fused_dq_*.json), so the limits stay.
+# 8 cells (layers_h200_2026-12-01_16k_fused_dq_*.json), so the limits stay. In sustained 1 s
+# windows (2026-12-02, attention_h200_2026-12-02_kv_multicast_{4k,16k}.json) attention alone
+# has ours ahead of the hybrid in all 12 cells (16k +0.2-2.6%, 4k +2-18%); the layers have not
+# been re-timed that way yet (NOTES_attention.md, "What the next GPU session should run").
 OWN_BACKWARD_MAX_SEQ_K = 2048
 OWN_BACKWARD_MAX_CAUSAL_SEQ_K = 8192
 
@@ -130,9 +133,9 @@ def default_implementation(q, k, v, segment_ids, is_causal: bool = False) -> str
     faster, else ours both ways ("mosaic"). Elsewhere cudnn on a GPU when it takes the call,
     else xla.
 
-    Why: our forward beats cuDNN's in every causal cell timed (H200, 2026-12-01: 1.06-1.39x at 4k
-    and 16k) and is at 0.98-1.05x of it non-causal, while our backward alone reaches 91-97% of
-    cuDNN's TF/s at 16k (83-90% before dq was fused into the dK/dV kernel); up to 2k, and
+    Why: our forward beats cuDNN's in every cell timed (H200, 2026-12-02, sustained windows:
+    1.08-1.26x causal and 1.01-1.04x non-causal at 4k and 16k), while our backward alone
+    reached 91-97% of cuDNN's TF/s at 16k in single syncs (2026-12-01); up to 2k, and
     causal up to 8k, our backward is the faster one (`OWN_BACKWARD_MAX_SEQ_K`,
     `OWN_BACKWARD_MAX_CAUSAL_SEQ_K`). Our kernels also take segment ids and odd lengths, which
     send cuDNN calls to xla. cuDNN needs bf16/fp16, equal q/v head dims and no segments here; its

@@ -394,6 +394,10 @@ def test_compiled_on_gpu(rng, config, is_causal, segments):
         with pytest.raises(ValueError, match="is not supported"):  # it stalled
             attention_fwd(q, k, v, is_causal=is_causal, scale=None, segment_ids=ids, **config)
         return
+    _check_compiled(q, k, v, is_causal, ids, config)
+
+
+def _check_compiled(q, k, v, is_causal, ids, config):
     out, lse = attention_fwd(q, k, v, is_causal=is_causal, scale=None, segment_ids=ids, **config)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     ref = np.asarray(reference_attention(*f32, is_causal=is_causal, segment_ids=ids))
@@ -401,6 +405,18 @@ def test_compiled_on_gpu(rng, config, is_causal, segments):
     np.testing.assert_allclose(np.asarray(lse), _reference_lse(q, k, is_causal=is_causal,
                                                               scale=128 ** -0.5, segment_ids=ids),
                                atol=LSE_TOL, rtol=LSE_TOL)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="compiles the kernel for a real Hopper GPU; CPU runs use interpret mode above")
+@pytest.mark.parametrize("kv_multicast", [None, False], ids=["default", "unpaired"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seq_q, seq_k", [(512, 1000), (1000, 600), (300, 2048)])
+def test_compiled_on_gpu_unequal_lengths(rng, seq_q, seq_k, is_causal, kv_multicast):
+    # Sq != Sk moves the causal diagonal (Sq > Sk: the first rows see no key); the pairs of
+    # q blocks then load the later block's kv steps. 300 rows make 3 q blocks: no pairs.
+    q, k, v = _inputs(rng, jnp.bfloat16, 2, seq_q, seq_k, 8, 2, 128)
+    _check_compiled(q, k, v, is_causal, None, dict(kv_multicast=kv_multicast))
 
 
 @pytest.mark.parametrize("options", [{}, dict(persistent=True, prefetch_q=True),

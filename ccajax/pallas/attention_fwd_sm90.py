@@ -24,6 +24,16 @@ Kernel layout
   (with ``prefetch_q`` each compute warpgroup also loads its next tile's q rows into a second
   q tile meanwhile). Tiles are dealt out by :func:`persistent_tiles`: round-robin, q block
   fastest, when not causal; causal, longest first in rounds of alternating direction.
+* Pairs (``kv_multicast``, the GPU default except causal Sk <= 4096): clusters of 2 CTAs on
+  the adjacent query blocks 2j and 2j + 1 of one (head, batch) need the same k/v tiles; each
+  producer TMA-copies half of every tile and multicasts it into both CTAs' shared memory, so
+  a tile leaves L2 once per pair (each CTA's k/v barrier still awaits the whole tile). Both
+  CTAs' compute warpgroups must release a slot before either producer refills it: the
+  "consumed" signals are cluster mbarriers (a remote arrive per warpgroup and CTA) instead of
+  named barriers. Under causal masking both load block 2j + 1's kv steps; block 2j's
+  warpgroups flush the extra one. The persistent grid then deals out pairs of q blocks to
+  clusters. On the H200 every kernel here runs at its 700 W limit, so the L2 traffic saved is
+  clock: +1-2% non-causal (NOTES_attention.md, twentieth session).
 * Producer warpgroup (registers lowered to 40; ptxas ignores this and the compute warpgroups'
   232, see ``_COMPUTE_REGS``): issues the TMA copies of k and v (and of the kv segment ids, on
   k's barrier) into a ``kv_stages``-slot ring; before refilling a slot it waits on that slot's
