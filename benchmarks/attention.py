@@ -72,9 +72,11 @@ def main(argv):
                         if not (name == "xla" and seq > FLAGS.xla_max_seq)
                         # The hybrid's forward is ours: time only its fwd+bwd.
                         and not (name == "mosaic_fwd_cudnn_bwd" and mode == "fwd")]
+                cell = f"S={seq} {heads} {'causal' if causal else 'full'}"
                 timings = time_interleaved([(jitted(fns[name], causal, mode), (q, k, v), 10)
                                             for name, mode in jobs], repeats=FLAGS.repeats,
-                                           window_s=FLAGS.window_s)
+                                           window_s=FLAGS.window_s,
+                                           labels=[f"{cell} {name} {mode}" for name, mode in jobs])
                 for (name, mode), res in zip(jobs, timings):
                     mult = 3.5 if mode == "fwdbwd" else 1.0
                     row["results"].setdefault(name, {})[mode] = with_tflops(res, mult * flops)

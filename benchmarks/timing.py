@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import statistics
+import threading
 import time
 
 import jax
@@ -43,8 +44,49 @@ def time_window(fn, *args, calls_per_sync: int = 10, seconds: float) -> float:
     return statistics.median(samples)
 
 
-def time_interleaved(jobs, *, repeats: int, warmup: int = 1,
-                     window_s: float = 0.0) -> list[dict]:
+# A job turn (its compile included) that runs longer than this plus its window ends the
+# process: a hung kernel otherwise blocks a sweep, without a word, until an outer time limit
+# kills it (twentieth session: a stalled kernel variant cost a whole device call's sweep).
+STALL_S = 240.0
+STALL_EXIT_CODE = 3
+
+
+class _StallWatchdog:
+    """A daemon thread that, while armed with a description of the running job turn, ends the
+    process (exit code ``STALL_EXIT_CODE``) once that turn has lasted ``limit_s``, after
+    printing which turn stalled. A hung GPU kernel cannot be interrupted from Python; the
+    sweep's JSON, rewritten after every cell, keeps the cells already finished."""
+
+    def __init__(self, limit_s: float):
+        self._limit_s = limit_s
+        self._turn: tuple[str, float] | None = None
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def arm(self, what: str) -> None:
+        with self._lock:
+            self._turn = (what, time.monotonic())
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._turn = None
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(min(1.0, self._limit_s / 4)):
+            with self._lock:
+                turn = self._turn
+            if turn is not None and time.monotonic() - turn[1] > self._limit_s:
+                print(f"STALLED: {turn[0]} ran for more than {self._limit_s:g} s; ending the "
+                      f"process (the sweep's JSON keeps the cells it finished)", flush=True)
+                os._exit(STALL_EXIT_CODE)
+
+
+def time_interleaved(jobs, *, repeats: int, warmup: int = 1, window_s: float = 0.0,
+                     labels=None, stall_s: float = STALL_S) -> list[dict]:
     """Time ``(fn, args, calls_per_sync)`` jobs (``fn`` jitted) in ``repeats`` rounds after an
     untimed warm-up round (which also compiles): each round takes one sync of every job in
     turn (in reverse order every other round), each after ``warmup`` untimed calls of that job.
@@ -55,10 +97,31 @@ def time_interleaved(jobs, *, repeats: int, warmup: int = 1,
     every attention kernel then runs at the power limit; per-round ranges shrank from 5-40%
     with single syncs to about 1%).
 
+    A job's turn that lasts more than ``stall_s`` seconds plus ``window_s`` ends the process
+    (`_StallWatchdog`; 0 turns this off), printing the job's name from ``labels`` (one per
+    job) or its index.
+
     Returns per job ``{"ms": median ms per call, "round_ms": each round's}``, or ``{"error"}``
     for a job that raised (it is left out of the later rounds)."""
     samples: list[list[float]] = [[] for _ in jobs]
     errors: dict[int, str] = {}
+    labels = list(labels) if labels is not None else [f"job {i}" for i in range(len(jobs))]
+    if len(labels) != len(jobs):
+        raise ValueError(f"labels must name every job: got {len(labels)} labels for "
+                         f"{len(jobs)} jobs")
+    watchdog = _StallWatchdog(stall_s + window_s) if stall_s > 0 else None
+    try:
+        _interleaved_rounds(jobs, repeats, warmup, window_s, samples, errors, labels, watchdog)
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+    return [dict(error=errors[i]) if i in errors else
+            dict(ms=statistics.median(times), round_ms=[round(t, 4) for t in times])
+            for i, times in enumerate(samples)]
+
+
+def _interleaved_rounds(jobs, repeats, warmup, window_s, samples, errors, labels, watchdog):
+    """`time_interleaved`'s rounds: fills ``samples`` (ms per round per job) and ``errors``."""
     for round_ in range(repeats + 1):  # round 0 warms up
         # Odd rounds take the jobs in reverse order: a job's speed depends a little on the job
         # before it (on an H200, two identical kernels timed one after the other in 0.5 s
@@ -68,6 +131,8 @@ def time_interleaved(jobs, *, repeats: int, warmup: int = 1,
             fn, args, calls = jobs[i]
             if i in errors:
                 continue
+            if watchdog is not None:
+                watchdog.arm(f"{labels[i]} (round {round_}{', warm-up' if not round_ else ''})")
             try:
                 if window_s > 0 and round_:
                     seconds = time_window(fn, *args, calls_per_sync=calls, seconds=window_s)
@@ -77,11 +142,11 @@ def time_interleaved(jobs, *, repeats: int, warmup: int = 1,
             except Exception as e:  # noqa: BLE001 - record why a job could not run
                 errors[i] = failure(e)
                 continue
+            finally:
+                if watchdog is not None:
+                    watchdog.disarm()
             if round_:
                 samples[i].append(1e3 * seconds)
-    return [dict(error=errors[i]) if i in errors else
-            dict(ms=statistics.median(times), round_ms=[round(t, 4) for t in times])
-            for i, times in enumerate(samples)]
 
 
 def paired_speedup(result: dict, baseline: dict) -> dict | None:

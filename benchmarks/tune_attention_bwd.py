@@ -83,8 +83,10 @@ def main(argv):
             jobs += [(jax.jit(lambda *a, cfg=CONFIGS[name]: attention_bwd(
                 *a, is_causal=causal, scale=None, **cfg)), (q, k, v, out, lse, d_out), 10)
                      for name in names]
-            cudnn_fwd, cudnn_grad, *timings = time_interleaved(jobs, repeats=FLAGS.repeats,
-                                                               window_s=FLAGS.window_s)
+            cell = f"S={seq} {hq}:{hkv} {'causal' if causal else 'full'}"
+            cudnn_fwd, cudnn_grad, *timings = time_interleaved(
+                jobs, repeats=FLAGS.repeats, window_s=FLAGS.window_s,
+                labels=[f"{cell} {name}" for name in ("cudnn fwd", "cudnn fwd+bwd", *names)])
             cudnn = (dict(ms=cudnn_grad["ms"] - cudnn_fwd["ms"])
                      if "ms" in cudnn_fwd and "ms" in cudnn_grad else
                      dict(error=cudnn_fwd.get("error") or cudnn_grad.get("error")))

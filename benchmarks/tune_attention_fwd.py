@@ -52,8 +52,10 @@ def main(argv):
                 flops = forward_flops(batch, seq, hq, causal)
                 row = dict(seq=seq, batch=batch, hq=hq, hkv=hkv, causal=causal, results={})
                 runs = forward_runs(fns, peer_names, names, causal)
+                cell = f"S={seq} {heads} {'causal' if causal else 'full'}"
                 timings = time_interleaved([(fn, (q, k, v), 10) for fn in runs.values()],
-                                           repeats=FLAGS.repeats, window_s=FLAGS.window_s)
+                                           repeats=FLAGS.repeats, window_s=FLAGS.window_s,
+                                           labels=[f"{cell} {name}" for name in runs])
                 row["results"] = {name: with_tflops(res, flops)
                                   for name, res in zip(runs, timings)}
                 rows.append(row)

@@ -10,6 +10,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -77,6 +78,41 @@ def test_time_interleaved_takes_the_jobs_in_turn_and_records_errors():
         assert len(r["round_ms"]) == 2 and r["ms"] > 0
     assert with_tflops(res[0], 2e9)["tflops"] == 2e9 / res[0]["ms"] / 1e9
     assert with_tflops(res[1], 2e9) == res[1]
+
+
+def test_time_interleaved_ends_the_process_on_a_stalled_job():
+    """A job turn longer than stall_s (+ window_s) ends the process with STALL_EXIT_CODE and
+    names the job; turns within the limit run to the end (a hung GPU kernel cannot be
+    interrupted, so the watchdog exits rather than raising)."""
+    script = textwrap.dedent("""
+        import time
+        from benchmarks.timing import time_interleaved
+        def job(sleep_s):
+            def fn():
+                time.sleep(sleep_s)
+                return None
+            return fn
+        res = time_interleaved([(job(0.01), (), 1), (job(0.01), (), 1)], repeats=1,
+                               labels=["quick a", "quick b"], stall_s=0.5)
+        print("finished", sorted(res[0]))
+        time_interleaved([(job(0.01), (), 1), (job(30), (), 1)], repeats=1,
+                         labels=["quick", "S=4096 16:16 causal hung_config"], stall_s=0.5)
+        print("not reached")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    from benchmarks.timing import STALL_EXIT_CODE
+    assert proc.returncode == STALL_EXIT_CODE, proc.stderr[-2000:]
+    assert "finished ['ms', 'round_ms']" in proc.stdout
+    assert ("STALLED: S=4096 16:16 causal hung_config (round 0, warm-up) ran for more than "
+            "0.5 s") in proc.stdout
+    assert "not reached" not in proc.stdout
+
+
+def test_time_interleaved_labels_must_name_every_job():
+    from benchmarks.timing import time_interleaved
+    with pytest.raises(ValueError, match="labels must name every job: got 1 labels for 2 jobs"):
+        time_interleaved([(print, (), 1), (print, (), 1)], repeats=1, labels=["a"])
 
 
 def test_time_interleaved_windows_run_each_job_for_its_window():
