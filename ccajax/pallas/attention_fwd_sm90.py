@@ -152,7 +152,9 @@ def persistent_tiles(cta, *, num_ctas: int, batch: int, num_heads: int, num_q_bl
     together, dealt out in rounds of ``num_ctas`` whose direction alternates (CTA 0 takes the
     longest tile of even rounds, the shortest of odd ones), so that the CTAs' sums of lengths
     differ by about one round's spread rather than by one per round. Plain int32 arithmetic:
-    it runs inside the kernel and, for the tests, outside it."""
+    it runs inside the kernel and, for the tests, outside it. With ``kv_multicast`` the kernel
+    deals pairs of q blocks to clusters: ``cta`` is then a cluster, ``num_ctas`` the number of
+    clusters and ``num_q_blocks`` the number of pairs."""
     num_tiles = batch * num_heads * num_q_blocks
     int32 = jnp.int32
     if not is_causal:
@@ -214,7 +216,8 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
         tile's first k/v load overlaps the current tile's last steps and epilogue). None: when
         not causal and Sk <= ``PERSISTENT_MAX_SEQ_K`` (measured: faster for short tiles, not
         for long ones); the causal per-tile grid runs the longest tiles first.
-      num_ctas: CTAs of the persistent grid; None: the GPU's SM count (2 in interpret mode).
+      num_ctas: CTAs of the persistent grid; None: the GPU's SM count (2 in interpret mode),
+        rounded down to even when they run in pairs (``kv_multicast``).
       named_barriers: hand the ping-pong turns and the consumed k/v slots over through
         hardware named barriers (``bar.arrive`` / ``bar.sync``: one instruction per warp)
         instead of mbarriers (an arrive from each of a warpgroup's 128 threads). GPU only (the
