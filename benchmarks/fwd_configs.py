@@ -24,8 +24,10 @@ CONFIGS = {
     "auto_barriers": dict(auto_barriers=True),
     # Before 2026-12-02 (session 18): the producer's copies and slot syncs on all four warps.
     "warpgroup_producer": dict(single_warp_producer=False),
-    # Clusters of 2 CTAs on adjacent q blocks sharing each k/v tile by TMA multicast.
+    # Clusters of 2 CTAs on adjacent q blocks sharing each k/v tile by TMA multicast: the
+    # default since 2026-12-02 (session 20) except causal Sk <= 4096; "unpaired" is the former.
     "kv_multicast": dict(kv_multicast=True),
+    "unpaired": dict(kv_multicast=False),
     "persistent_kv_multicast": dict(persistent=True, kv_multicast=True),
     "persistent_prefetch_q_kv_multicast": dict(persistent=True, prefetch_q=True,
                                                kv_multicast=True),
