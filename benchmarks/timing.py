@@ -52,17 +52,25 @@ STALL_EXIT_CODE = 3
 
 
 class _StallWatchdog:
-    """A daemon thread that, while armed with a description of the running job turn, ends the
-    process (exit code ``STALL_EXIT_CODE``) once that turn has lasted ``limit_s``, after
-    printing which turn stalled. A hung GPU kernel cannot be interrupted from Python; the
-    sweep's JSON, rewritten after every cell, keeps the cells already finished."""
+    """A context whose daemon thread, while armed with a description of the running job turn,
+    ends the process (exit code ``STALL_EXIT_CODE``) once that turn has lasted ``limit_s``,
+    after printing which turn stalled; ``limit_s`` <= 0: no thread, arming does nothing. A hung
+    GPU kernel cannot be interrupted from Python; the sweep's JSON, rewritten after every cell,
+    keeps the cells already finished."""
 
     def __init__(self, limit_s: float):
         self._limit_s = limit_s
         self._turn: tuple[str, float] | None = None
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        threading.Thread(target=self._watch, daemon=True).start()
+
+    def __enter__(self):
+        if self._limit_s > 0:
+            threading.Thread(target=self._watch, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stopped.set()
 
     def arm(self, what: str) -> None:
         with self._lock:
@@ -71,9 +79,6 @@ class _StallWatchdog:
     def disarm(self) -> None:
         with self._lock:
             self._turn = None
-
-    def stop(self) -> None:
-        self._stopped.set()
 
     def _watch(self) -> None:
         while not self._stopped.wait(min(1.0, self._limit_s / 4)):
@@ -109,44 +114,34 @@ def time_interleaved(jobs, *, repeats: int, warmup: int = 1, window_s: float = 0
     if len(labels) != len(jobs):
         raise ValueError(f"labels must name every job: got {len(labels)} labels for "
                          f"{len(jobs)} jobs")
-    watchdog = _StallWatchdog(stall_s + window_s) if stall_s > 0 else None
-    try:
-        _interleaved_rounds(jobs, repeats, warmup, window_s, samples, errors, labels, watchdog)
-    finally:
-        if watchdog is not None:
-            watchdog.stop()
+    with _StallWatchdog(stall_s + window_s if stall_s > 0 else 0.0) as watchdog:
+        for round_ in range(repeats + 1):  # round 0 warms up
+            # Odd rounds take the jobs in reverse order: a job's speed depends a little on the
+            # job before it (on an H200, two identical kernels timed one after the other in
+            # 0.5 s windows differed by 1-2%, the same way in every cell), which this averages
+            # out.
+            order = range(len(jobs) - 1, -1, -1) if round_ % 2 else range(len(jobs))
+            for i in order:
+                fn, args, calls = jobs[i]
+                if i in errors:
+                    continue
+                watchdog.arm(f"{labels[i]} (round {round_}{', warm-up' if not round_ else ''})")
+                try:
+                    if window_s > 0 and round_:
+                        seconds = time_window(fn, *args, calls_per_sync=calls, seconds=window_s)
+                    else:
+                        seconds = time_call(fn, *args, calls_per_sync=calls, repeats=1,
+                                            warmup=warmup)
+                except Exception as e:  # noqa: BLE001 - record why a job could not run
+                    errors[i] = failure(e)
+                    continue
+                finally:
+                    watchdog.disarm()
+                if round_:
+                    samples[i].append(1e3 * seconds)
     return [dict(error=errors[i]) if i in errors else
             dict(ms=statistics.median(times), round_ms=[round(t, 4) for t in times])
             for i, times in enumerate(samples)]
-
-
-def _interleaved_rounds(jobs, repeats, warmup, window_s, samples, errors, labels, watchdog):
-    """`time_interleaved`'s rounds: fills ``samples`` (ms per round per job) and ``errors``."""
-    for round_ in range(repeats + 1):  # round 0 warms up
-        # Odd rounds take the jobs in reverse order: a job's speed depends a little on the job
-        # before it (on an H200, two identical kernels timed one after the other in 0.5 s
-        # windows differed by 1-2%, the same way in every cell), which this averages out.
-        order = range(len(jobs) - 1, -1, -1) if round_ % 2 else range(len(jobs))
-        for i in order:
-            fn, args, calls = jobs[i]
-            if i in errors:
-                continue
-            if watchdog is not None:
-                watchdog.arm(f"{labels[i]} (round {round_}{', warm-up' if not round_ else ''})")
-            try:
-                if window_s > 0 and round_:
-                    seconds = time_window(fn, *args, calls_per_sync=calls, seconds=window_s)
-                else:
-                    seconds = time_call(fn, *args, calls_per_sync=calls, repeats=1,
-                                        warmup=warmup)
-            except Exception as e:  # noqa: BLE001 - record why a job could not run
-                errors[i] = failure(e)
-                continue
-            finally:
-                if watchdog is not None:
-                    watchdog.disarm()
-            if round_:
-                samples[i].append(1e3 * seconds)
 
 
 def paired_speedup(result: dict, baseline: dict) -> dict | None:
