@@ -40,6 +40,7 @@ flags.DEFINE_integer("rounds", 3, "Interleaved rounds of windows.")
 flags.DEFINE_integer("sample_ms", 50, "nvidia-smi sampling period.")
 FLAGS = flags.FLAGS
 
+
 def _window(fn, args, seconds: float) -> dict:
     """Calls ``fn(*args)`` for ``seconds`` (synced every ten calls); start/end unix times."""
     start, calls = time.time(), 0
