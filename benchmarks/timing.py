@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import statistics
+import sys
 import threading
 import time
 
@@ -194,11 +195,13 @@ def method(repeats: int, window_s: float = 0.0) -> str:
 
 def write_sweep(path: str, rows: list, *, repeats: int, window_s: float = 0.0,
                 complete: bool = True, **fields) -> None:
-    """A tuning sweep's JSON: device, date, jax version, ``fields``, method and rows.
+    """A tuning sweep's JSON: device, date, jax version, the command line, ``fields``, method
+    and rows.
     Sweeps write it after every cell with ``complete=False`` (recorded), so that a run cut
     short by a time limit still leaves the cells it finished; the last write announces itself."""
     result = dict(device=device_name(), date=datetime.date.today().isoformat(),
-                  jax=jax.__version__, **fields, method=method(repeats, window_s),
+                  jax=jax.__version__, command=" ".join(sys.argv), **fields,
+                  method=method(repeats, window_s),
                   complete=complete, rows=rows)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:

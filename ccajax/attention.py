@@ -111,45 +111,40 @@ def on_hopper() -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
-# Where the default keeps our backward kernels (fwd+bwd TF/s on an H200, ours / our forward with
-# cuDNN's backward; benchmarks/results/attention_hybrid_probe_h200_2026-12-01.json and
-# attention_h200_2026-12-01.json): up to 2k ours wins 11 of 12 cells (1k by 6-40%; 2k non-causal
-# 16:16 loses 3%); causal at 4k and 8k ours wins 4 of 6 (4k 8:2 488 / 423, 8k 4:4 514 / 459; 4k
-# and 8k 16:16 lose 1-4%); beyond, the hybrid wins every cell (16k causal 524-545 / 551-573).
-# Re-measured with dq summed in the dK/dV kernel (fused_dq, tenth session; *_fused_dq.json):
-# attention alone, ours is now within 2% of the hybrid at 16k and 4k non-causal and 3-17% ahead
-# at 4k causal, but inside the 16k CCA/MHA layers the hybrid's fwd+bwd was 1-7% faster in all
-# 8 cells (layers_h200_2026-12-01_16k_fused_dq_*.json), so the limits stay. In sustained 1 s
-# windows (2026-12-02, attention_h200_2026-12-02_kv_multicast_{4k,16k}.json) attention alone
-# has ours ahead of the hybrid in all 12 cells (16k +0.2-2.6%, 4k +2-18%); the layers have not
-# been re-timed that way yet (NOTES_attention.md, "What the next GPU session should run").
-OWN_BACKWARD_MAX_SEQ_K = 2048
-OWN_BACKWARD_MAX_CAUSAL_SEQ_K = 8192
+# The one case where the default hands the backward to cuDNN (after our forward): causal,
+# q heads sharing kv heads (Hq > Hkv), Sk beyond this. Whole layers' fwd+bwd on an H200 in
+# sustained 1 s windows (2026-12-02, benchmarks/results/layers_h200_2026-12-02_own_bwd_*.json;
+# MHA 16:16, CCA 8:8 and 4:4, CCGQA 8:2), our backward's time against the hybrid's: non-causal
+# 4k-32k, ours ahead in 13 of 15 (by up to 1.2%; 0.2% and 0.1% behind in the other two);
+# causal 16k-32k, ours ahead in the 5 layers without head sharing (0.1-1.1%) and behind in
+# CCGQA 8:2 (0.7% at 16k, 1.1% at 32k, in every round). Up to 8k causal ours wins by more
+# (attention alone, 4k 8:2: 489 / 425 TF/s). Before these runs the limits were 2k non-causal
+# and 8k causal, from single-sync layer timings of an earlier backward.
+OWN_BACKWARD_MAX_CAUSAL_GQA_SEQ_K = 8192
 
 
 def default_implementation(q, k, v, segment_ids, is_causal: bool = False) -> str:
-    """On Hopper (compute capability 9.x), when our kernels take the call: our forward with
-    cuDNN's backward ("mosaic_fwd_cudnn_bwd") where that backward takes the call and measured
-    faster, else ours both ways ("mosaic"). Elsewhere cudnn on a GPU when it takes the call,
-    else xla.
+    """On Hopper (compute capability 9.x), when our kernels take the call: ours both ways
+    ("mosaic"), except causal calls with shared kv heads (Hq > Hkv) beyond
+    ``OWN_BACKWARD_MAX_CAUSAL_GQA_SEQ_K`` keys, which pair our forward with cuDNN's backward
+    ("mosaic_fwd_cudnn_bwd") where that backward takes the call. Elsewhere cudnn on a GPU when it
+    takes the call, else xla.
 
-    Why: our forward beats cuDNN's in every cell timed (H200, 2026-12-02, sustained windows:
-    1.08-1.26x causal and 1.01-1.04x non-causal at 4k and 16k), while our backward alone
-    reached 91-97% of cuDNN's TF/s at 16k in single syncs (2026-12-01); up to 2k, and
-    causal up to 8k, our backward is the faster one (`OWN_BACKWARD_MAX_SEQ_K`,
-    `OWN_BACKWARD_MAX_CAUSAL_SEQ_K`). Our kernels also take segment ids and odd lengths, which
-    send cuDNN calls to xla. cuDNN needs bf16/fp16, equal q/v head dims and no segments here; its
-    backward (jax 0.11.2, cuDNN 9.19 on H100) raises NotImplementedError for odd sequence
-    lengths, so those go to xla.
+    Why (H200, 2026-12-02, sustained windows): our forward beats cuDNN's in every cell timed
+    (1.08-1.26x causal and 1.01-1.04x non-causal at 4k and 16k), and in whole layers our
+    backward is within 0.2% of cuDNN's or ahead everywhere except the causal GQA case above,
+    where cuDNN's is 0.7-1.1% faster (see the constant). Our kernels also take segment ids and
+    odd lengths, which send cuDNN calls to xla. cuDNN needs bf16/fp16, equal q/v head dims and
+    no segments here; its backward (jax 0.11.2, cuDNN 9.19 on H100) raises NotImplementedError
+    for odd sequence lengths, so those go to xla.
     """
     if jax.default_backend() != "gpu":
         return "xla"
     if on_hopper() and _mosaic_supports(q, v):
         from ccajax.pallas.attention import cudnn_backward_unsupported
-        seq_k = k.shape[1]
-        own_backward_faster = (seq_k <= OWN_BACKWARD_MAX_SEQ_K
-                               or (is_causal and seq_k <= OWN_BACKWARD_MAX_CAUSAL_SEQ_K))
-        if own_backward_faster or cudnn_backward_unsupported(q, k, segment_ids, is_causal):
+        cudnn_backward_faster = (is_causal and q.shape[2] > k.shape[2]
+                                 and k.shape[1] > OWN_BACKWARD_MAX_CAUSAL_GQA_SEQ_K)
+        if not cudnn_backward_faster or cudnn_backward_unsupported(q, k, segment_ids, is_causal):
             return "mosaic"
         return "mosaic_fwd_cudnn_bwd"
     even = q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0

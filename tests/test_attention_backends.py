@@ -205,10 +205,10 @@ def test_mosaic_backward_name_is_checked():
 
 
 @pytest.mark.parametrize("shape, causal, segments, want", [
-    ((1, 16384, 8, 2), True, False, "mosaic_fwd_cudnn_bwd"),
-    ((2, 8192, 8, 2), True, False, "mosaic"),  # our backward wins causal up to 8k
-    ((2, 4096, 8, 2), False, False, "mosaic_fwd_cudnn_bwd"),
-    ((2, 2048, 8, 2), False, False, "mosaic"),  # and everything up to 2k
+    ((1, 16384, 8, 2), True, False, "mosaic_fwd_cudnn_bwd"),  # causal GQA beyond 8k: cuDNN's
+    ((2, 8192, 8, 2), True, False, "mosaic"),  # our backward wins causal GQA up to 8k
+    ((1, 16384, 16, 16), True, False, "mosaic"),  # and causal without head sharing
+    ((1, 32768, 8, 2), False, False, "mosaic"),  # and everything non-causal
     ((1, 16384, 8, 2), True, True, "mosaic"),  # segments: cuDNN's backward is not used
     ((2, 8191, 8, 2), False, False, "mosaic"),  # odd length
 ])

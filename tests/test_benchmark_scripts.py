@@ -229,6 +229,21 @@ def test_paired_speedup_compares_round_by_round():
     assert paired_speedup(ours, dict(error="no kernel")) is None
 
 
+def test_write_sweep_records_the_command_and_replaces_the_file_whole(tmp_path, monkeypatch):
+    from benchmarks.timing import write_sweep
+    monkeypatch.setattr(sys, "argv", ["benchmarks/tune_attention_fwd.py", "--seq_lens=4096"])
+    path = tmp_path / "sweep.json"
+    write_sweep(str(path), [{"seq": 4096}], repeats=3, complete=False, configs={"default": {}})
+    first = json.loads(path.read_text())
+    assert first["command"] == "benchmarks/tune_attention_fwd.py --seq_lens=4096"
+    assert (first["complete"], first["rows"], first["configs"]) == (False, [{"seq": 4096}],
+                                                                    {"default": {}})
+    write_sweep(str(path), [{"seq": 4096}, {"seq": 16384}], repeats=3, configs={})
+    last = json.loads(path.read_text())
+    assert last["complete"] and len(last["rows"]) == 2
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
 def _layer_run(path, rows):
     """A layers.py result with rows (method, causal, seq, fwd ms, fwd+bwd ms)."""
     path.write_text(json.dumps(dict(device="test", date="d", command="c", rows=[

@@ -135,9 +135,10 @@ PERSISTENT_MAX_SEQ_K = 4096
 # +1.0-1.4% at 16k non-causal (595-596 TF/s, ahead of tokamax's 588-590) and +0.5-1.4% causal,
 # +1-2% at 8k; at 4k causal -0.2 to -2% (one CTA of each pair flushes a kv step it does not
 # need, a larger share of short tiles). 4k non-causal on the persistent grid: +2% (16:16).
-# The causal persistent grid is never the default; paired, it ran 516 TF/s at 4k 16:16 in a
-# 20-call probe (per-tile unpaired: ~498 sustained), not yet timed side by side; with
-# prefetch_q as well it stalled (refused).
+# The causal persistent grid is never the default: paired, it ran 0.88-0.97x the default
+# (per tile) at 4k and 8k, every head layout (sustained, 21st session,
+# tune_attention_fwd_h200_2026-12-02_causal_persistent_pairs.json); with prefetch_q as well
+# it stalled (refused).
 KV_MULTICAST_MIN_CAUSAL_SEQ_K = 4096
 
 
