@@ -24,16 +24,19 @@ def lag_warpgroup(monkeypatch):
     barrier wait, so that the others run as far ahead as the kernel's barriers let them. The
     interpreter fails a kernel in which one thread completes a barrier phase twice before a
     waiter has observed the first (on a GPU, whose waits compare the phase parity, a hang);
-    thread timing alone seldom opens that window, a lagging warpgroup does so every time."""
+    thread timing alone seldom opens that window, a lagging warpgroup does so every time.
+    ``lag_warpgroup(w, block=i)`` slows it only in CTA i of each cluster (for kernels that
+    launch clusters: the other CTA's warpgroups then run ahead too)."""
     import time
 
     from jax._src.pallas.mosaic_gpu.interpret import shared_memory
 
-    def lag(warpgroup_id: int, seconds: float = 0.02):
+    def lag(warpgroup_id: int, seconds: float = 0.02, block: int | None = None):
         wait = shared_memory.Barrier._wait
 
         def lagging_wait(self, thread, *args, **kwargs):
-            if getattr(thread, "warpgroup_id", None) == warpgroup_id:
+            if (getattr(thread, "warpgroup_id", None) == warpgroup_id
+                    and block in (None, getattr(thread, "block_id", None))):
                 time.sleep(seconds)
             return wait(self, thread, *args, **kwargs)
 

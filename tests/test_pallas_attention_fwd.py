@@ -197,6 +197,54 @@ def test_prefetched_q_with_a_lagging_warpgroup(rng, lag_warpgroup, lagging):
            block_q=128, num_ctas=1, prefetch_q=True)
 
 
+# Pairs of CTAs (kv_multicast=True) in interpret mode. The interpreter runs each cluster's two
+# CTAs and their cluster barriers, but a copy with collective_axes fills only the issuing CTA's
+# tile, whole: these check the pairs' barrier protocol and the tiles they walk, not the
+# multicast (test_compiled_on_gpu does, on a GPU). 64-key tiles: several refills per slot.
+PAIRS = {
+    # id: (batch, Sq, Sk, Hq, is_causal, kernel options)
+    "per-tile-full": (1, 512, 512, 2, False, dict(persistent=False)),  # 2 pairs per head
+    # Both CTAs load the later block's kv steps; the earlier block's warpgroups flush the rest.
+    "causal": (1, 512, 512, 2, True, {}),
+    "causal-sq-gt-sk": (1, 512, 320, 1, True, {}),  # q block 0 sees no key, its pair some
+    "causal-sq-lt-sk": (1, 256, 448, 1, True, {}),
+    "odd-q-blocks": (1, 384, 384, 1, True, {}),  # 3 q blocks: single CTAs instead
+    # One cluster walks the 2 batches x 2 heads x 1 pair of q blocks, one ring across them.
+    "persistent-full": (2, 256, 256, 2, False, dict(persistent=True, num_ctas=2)),
+    "persistent-causal": (2, 512, 384, 1, True, dict(persistent=True, num_ctas=4)),  # 2 clusters
+    "persistent-prefetch-q": (2, 256, 256, 2, False, dict(persistent=True, num_ctas=2,
+                                                           prefetch_q=True)),
+}
+
+
+@pytest.mark.parametrize("batch, seq_q, seq_k, hq, is_causal, options", list(PAIRS.values()),
+                         ids=list(PAIRS))
+def test_pairs(rng, batch, seq_q, seq_k, hq, is_causal, options):
+    _check(*_inputs(rng, jnp.bfloat16, batch, seq_q, seq_k, hq, 1, 64), is_causal=is_causal,
+           block_kv=64, kv_multicast=True, **options)
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_pairs_with_segment_ids(rng, is_causal):
+    """The kv tiles' ids travel with k (the same collective copy), the q blocks' with q."""
+    ids = jnp.asarray(_packed_segment_ids(rng, 1, 512, max_len=90))
+    _check(*_inputs(rng, jnp.bfloat16, 1, 512, 512, 2, 2, 64), is_causal=is_causal,
+           block_kv=64, segment_ids=ids, kv_multicast=True)
+
+
+@pytest.mark.parametrize("lagging", [0, 1, 2], ids=["wg0-lags", "wg1-lags", "producer-lags"])
+@pytest.mark.parametrize("options", [{}, dict(persistent=True, num_ctas=2)],
+                         ids=["per-tile", "persistent"])
+def test_pairs_with_one_ctas_warpgroup_lagging(rng, lag_warpgroup, options, lagging):
+    """A warpgroup of the earlier block's CTA is slowed, so that the other CTA's warpgroups run
+    as far ahead as the cluster barriers on the shared slots let them (the interpreter fails a
+    barrier phase completed twice before a waiter saw it). Causal, so the earlier CTA also
+    flushes a step per tile."""
+    lag_warpgroup(lagging, block=0)
+    _check(*_inputs(rng, jnp.bfloat16, 1, 512, 512, 1, 1, 64), is_causal=True, block_kv=64,
+           kv_multicast=True, **options)
+
+
 def test_causal_rows_without_keys_give_zero_and_minus_inf(rng):
     # Sq > Sk, causal: the first Sq - Sk queries precede every key.
     q, k, v = _inputs(rng, jnp.bfloat16, 1, 130, 70, 2, 1, 64)
@@ -314,7 +362,7 @@ def test_errors(over, match):
         attention_fwd(*arrays, **kwargs)
 
 
-@pytest.mark.parametrize("option", ["register_p", "named_barriers", "kv_multicast"])
+@pytest.mark.parametrize("option", ["register_p", "named_barriers"])
 def test_gpu_only_options_refused_in_interpret_mode(option):
     arrays, kwargs = _args()
     with pytest.raises(ValueError, match=rf"{option}=True is not supported in Mosaic GPU "

@@ -79,7 +79,10 @@ barrier to wait on all of its phases: the producer therefore drains the last "co
 and a compute warpgroup with fewer causal steps than its CTA still waits/releases the remaining
 slots. Each warpgroup runs as its own XLA CPU computation whose barrier waits block a worker of
 XLA's CPU thread pool, so the pool needs a worker per warpgroup plus one (see
-``sm90_pipeline.check_interpret_threads``).
+``sm90_pipeline.check_interpret_threads``). Pairs (``kv_multicast=True``) run there too: the
+interpreter simulates the cluster and its cluster barriers, but a copy with
+``collective_axes`` fills only the issuing CTA's tile, whole (no multicast), so the tests there
+check the pair's barrier protocol and tile walk, not the multicast.
 """
 
 from __future__ import annotations
@@ -248,9 +251,11 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
         both CTAs load the later block's kv steps and the earlier one flushes the extra one.
         On the persistent grid, each cluster walks the tiles of pairs of query blocks
         (``num_ctas`` must then be even; None: the SM count rounded down to even). Ignored
-        when the number of query blocks is odd. GPU only (jax 0.11.2's interpreter ignores
-        multicast). None: on a GPU, except under causal masking with Sk <=
-        ``KV_MULTICAST_MIN_CAUSAL_SEQ_K`` or on the persistent grid (measured, see there).
+        when the number of query blocks is odd. In interpret mode each CTA's copy fills its
+        own tile whole (jax 0.11.2's interpreter ignores multicast), so the pairs run there
+        with their cluster barriers and tile walk but without the multicast. None: on a GPU,
+        except under causal masking with Sk <= ``KV_MULTICAST_MIN_CAUSAL_SEQ_K`` or on the
+        persistent grid (measured, see there); off in interpret mode.
     Returns:
       (out, lse): out (B, Sq, Hq, d) in q's dtype; lse (B, Hq, Sq) float32, natural-log
       log-sum-exp of the scaled scores, -inf for rows that see no key (their out is 0).
@@ -277,9 +282,6 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
         odd_ctas = persistent and isinstance(num_ctas, int) and num_ctas % 2 == 1
         kv_multicast = not in_interpret_mode() and not odd_ctas and (
             not is_causal or (k.shape[1] > KV_MULTICAST_MIN_CAUSAL_SEQ_K and not persistent))
-    if kv_multicast and in_interpret_mode():
-        raise ValueError("kv_multicast=True is not supported in Mosaic GPU interpret mode (its "
-                         "TMA copies ignore multicast); use kv_multicast=False")
     if kv_multicast and is_causal and persistent and prefetch_q:
         raise ValueError("kv_multicast=True with prefetch_q=True on the causal persistent grid "
                          "is not supported (it stalled on an H200 at S=4096, 16:16); use "
