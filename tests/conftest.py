@@ -1,6 +1,9 @@
 """Shared test helpers: fresh random inputs per test, float64 numpy references."""
 
+import faulthandler
 import os
+import sys
+import threading
 import zlib
 
 # Mosaic GPU interpret mode runs each warpgroup as an XLA CPU computation that blocks a worker of
@@ -10,6 +13,32 @@ os.environ.setdefault("NPROC", "8")
 
 import numpy as np
 import pytest
+
+
+# A deadlocked interpreted kernel waits forever (a barrier wait cannot be interrupted), which
+# would hold CI to its time limit: past this many seconds in one test, a watchdog thread prints
+# every thread's traceback and ends the run (exit code 1). The slowest test takes about a
+# minute on 2 cores.
+HANG_S = float(os.environ.get("CCAJAX_TEST_HANG_S", 900))
+
+
+@pytest.fixture(autouse=True)
+def _end_the_run_on_a_hang(request):
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+
+    def end_the_run():
+        if capture is not None:  # pytest captures fd 2 during a test: hand it back first
+            capture.suspend_global_capture(in_=True)
+        print(f"\n{request.node.nodeid} still running after {HANG_S:.0f} s "
+              "(CCAJAX_TEST_HANG_S): a hang; ending the run.", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr)
+        os._exit(1)
+
+    watchdog = threading.Timer(HANG_S, end_the_run)
+    watchdog.daemon = True
+    watchdog.start()
+    yield
+    watchdog.cancel()
 
 
 @pytest.fixture
