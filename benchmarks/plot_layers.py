@@ -20,6 +20,13 @@ ideal (``--speedup_curves``) and the speed-ups as a markdown table (``--table``)
     python3 benchmarks/plot_layers.py --merge merged.json run1.json run2.json
     python3 benchmarks/plot_layers.py --speedup_curves merged.json
     python3 benchmarks/plot_layers.py --table merged.json
+
+Our backward against cuDNN's after our forward (``--backward_table JSON...``, runs with
+``--bwd_impls=mosaic,mosaic_fwd_cudnn_bwd``): a markdown table of each layer's fwd+bwd ms, ours /
+the hybrid = their ratio (> 1: ours faster, bold), a row per (mask, S), a column per method: the
+measurement behind `ccajax.attention.default_implementation`'s Hopper rule.
+
+    python3 benchmarks/plot_layers.py --backward_table causal.json noncausal.json
 """
 
 from __future__ import annotations
@@ -152,6 +159,38 @@ def table(path: str) -> str:
     return "\n".join(lines)
 
 
+def backward_table(*paths: str) -> str:
+    """Markdown table of fwd+bwd ms with our backward against our forward with cuDNN's backward
+    ("ours / hybrid = ratio") in the runs ``paths``; a cell is "-" unless its run timed both."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows += [r for r in json.load(f)["rows"] if "method" in r]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cells = {(r["causal"], r["seq"], r["method"]): r for r in rows}
+
+    def ms(row, backend):  # result keys are "impl" or "impl/prologue"
+        return next((res["fwdbwd"]["ms"] for key, res in row["results"].items()
+                     if key.split("/")[0] == backend and "ms" in res.get("fwdbwd", {})), None)
+
+    lines = ["| mask, S (B) | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for causal, seq in sorted({(r["causal"], r["seq"]) for r in rows}):
+        first = next(r for r in rows if (r["causal"], r["seq"]) == (causal, seq))
+        parts = [f"{'causal' if causal else 'full'} {seq // 1024}k ({first['batch']})"]
+        for name in methods:
+            row = cells.get((causal, seq, name))
+            own, hybrid = (ms(row, "mosaic"), ms(row, "mosaic_fwd_cudnn_bwd")) if row else (None,
+                                                                                          None)
+            if own is None or hybrid is None:
+                parts.append("-")
+                continue
+            ratio = f"{hybrid / own:.3f}"
+            parts.append(f"{own:.3f} / {hybrid:.3f} = "
+                         + (f"**{ratio}**" if hybrid >= own else ratio))
+        lines.append("| " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
 # Issue 5's targets: within 10% of the FLOP-ratio ideal (C=2 -> 1.8x, C=4 -> 3.6x).
 TARGETS = {"CCA C=2 (8:8)": 1.8, "CCGQA 8:2": 1.8, "CCA C=4 (4:4)": 3.6}
 
@@ -219,5 +258,5 @@ def plot_speedup_curves(path: str, out: str | None = None) -> str:
 if __name__ == "__main__":
     args = sys.argv[1:]
     commands = {"--speedups": plot_speedups, "--merge": merge, "--table": table,
-                "--speedup_curves": plot_speedup_curves}
+                "--speedup_curves": plot_speedup_curves, "--backward_table": backward_table}
     print(commands[args[0]](*args[1:]) if args[:1] and args[0] in commands else plot(*args))

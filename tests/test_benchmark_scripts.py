@@ -285,6 +285,28 @@ def test_layer_merge_pairs_each_row_with_its_own_runs_mha(tmp_path):
         assert pathlib.Path(png).stat().st_size > 0
 
 
+def test_backward_table_compares_our_backward_with_the_hybrid(tmp_path):
+    """`plot_layers.py --backward_table`: fwd+bwd ms of "mosaic" against "mosaic_fwd_cudnn_bwd"
+    (with or without a "/prologue" suffix), bold where ours is at least as fast, "-" where a
+    cell lacks either."""
+    from benchmarks import plot_layers
+
+    def row(method, causal, seq, results):
+        return dict(method=method, causal=causal, seq=seq, batch=16384 // seq, results={
+            name: {"fwdbwd": {"ms": ms}} for name, ms in results.items()})
+
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(dict(rows=[
+        row("MHA 16:16", True, 16384, {"mosaic": 10.0, "mosaic_fwd_cudnn_bwd": 10.5}),
+        row("CCGQA 8:2", True, 16384, {"mosaic/mosaic": 5.0, "mosaic_fwd_cudnn_bwd/mosaic": 4.0}),
+        row("MHA 16:16", False, 4096, {"mosaic": 6.0}),
+        dict(parity=[])])))
+    assert plot_layers.backward_table(str(run)).splitlines() == [
+        "| mask, S (B) | MHA 16:16 | CCGQA 8:2 |", "|---|---|---|",
+        "| full 4k (4) | - | - |",
+        "| causal 16k (1) | 10.000 / 10.500 = **1.050** | 5.000 / 4.000 = 0.800 |"]
+
+
 def test_flop_ratio_is_mhas_flops_over_the_layers():
     """The speed-up plot's ideal: 1 for MHA itself, near C for CCA at long S (attention
     dominates), higher at short S for CCGQA 8:2, whose k/v projections are 4x smaller still."""
