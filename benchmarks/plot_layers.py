@@ -179,8 +179,7 @@ def backward_table(*paths: str) -> str:
         parts = [f"{'causal' if causal else 'full'} {seq // 1024}k ({first['batch']})"]
         for name in methods:
             row = cells.get((causal, seq, name))
-            own, hybrid = (ms(row, "mosaic"), ms(row, "mosaic_fwd_cudnn_bwd")) if row else (None,
-                                                                                          None)
+            own, hybrid = (ms(row, b) if row else None for b in ("mosaic", "mosaic_fwd_cudnn_bwd"))
             if own is None or hybrid is None:
                 parts.append("-")
                 continue
