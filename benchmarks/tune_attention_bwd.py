@@ -28,6 +28,9 @@ flags.DEFINE_integer("seq", 16384, "Sequence length (batch = max(1, tokens // se
 flags.DEFINE_integer("tokens", 16384, "Tokens per batch.")
 flags.DEFINE_list("heads", ["16:16", "8:2", "4:4"], "Hq:Hkv pairs.")
 flags.DEFINE_list("configs", None, "Names from CONFIGS (default: all).")
+flags.DEFINE_list("masks", ["causal", "full"], "Masks to time: causal, full.")
+flags.register_validator("masks", lambda masks: set(masks) <= {"causal", "full"},
+                         "--masks takes causal and/or full")
 flags.DEFINE_integer("repeats", 5, "Median of this many interleaved rounds of ten calls per "
                      "sync.")
 flags.DEFINE_float("window_s", 0.0, WINDOW_HELP)
@@ -47,6 +50,9 @@ CONFIGS = {
     "auto_barriers": dict(auto_barriers=True),
     # Each producer on its whole warpgroup (the default before 2026-12-02, session 18).
     "warpgroup_producer": dict(single_warp_producer=False),
+    # GQA: each kv head's group of query heads over 1, 2, 4 or 8 dK/dV CTAs per kv block
+    # (an error where the count does not divide Hq / Hkv).
+    **{f"group_splits{n}": dict(group_splits=n) for n in (1, 2, 4, 8)},
 }
 
 
@@ -74,7 +80,7 @@ def main(argv):
         k, v = (jax.random.normal(key, (batch, seq, hkv, HEAD_DIM), jnp.bfloat16)
                 for key in keys[1:3])
         d_out = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
-        for causal in (True, False):
+        for causal in [mask == "causal" for mask in FLAGS.masks]:
             flops = 2.5 * 4 * batch * seq**2 * hq * HEAD_DIM * (0.5 if causal else 1.0)
             out, lse = jax.jit(lambda q, k, v: attention_fwd(q, k, v, is_causal=causal,
                                                              scale=None))(q, k, v)

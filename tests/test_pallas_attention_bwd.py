@@ -18,7 +18,7 @@ from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_in
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.attention import attention_mask, reference_attention
-from ccajax.pallas.attention_bwd_sm90 import attention_bwd
+from ccajax.pallas.attention_bwd_sm90 import attention_bwd, default_group_splits
 from error_inputs import zero_inputs
 
 # Measured worst errors (definition in the module docstring) over this file's interpret cases:
@@ -194,6 +194,42 @@ def test_barriers_with_a_lagging_warpgroup(rng, lag_warpgroup, lagging, fused_dq
            fused_dq=fused_dq, dq_block_kv=64)
 
 
+SPLIT_CASES = {
+    # id: ((batch, Sq, Sk, Hq, Hkv, d), is_causal, group_splits, fused_dq)
+    "gqa4-split2-causal-fused": ((1, 200, 200, 8, 2, 128), True, 2, True),
+    "gqa4-split4-causal-dq-kernel": ((1, 200, 200, 8, 2, 128), True, 4, False),
+    "gqa2-split2-full-sq100-sk170": ((2, 100, 170, 4, 2, 64), False, 2, False),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES.values()), ids=list(SPLIT_CASES))
+def test_group_splits(rng, case):
+    """Each kv head's query heads split over several dK/dV CTAs, whose partial dk/dv the
+    wrapper sums; two kv blocks per head (so no race detector with fused_dq, as above)."""
+    (batch, seq_q, seq_k, hq, hkv, d), is_causal, group_splits, fused_dq = case
+    _check(*_inputs(rng, jnp.bfloat16, batch, seq_q, seq_k, hq, hkv, d), is_causal=is_causal,
+           group_splits=group_splits, fused_dq=fused_dq, detect_races=not fused_dq)
+
+
+@pytest.mark.parametrize("batch, seq, hq, hkv, is_causal, want", [
+    (1, 16384, 8, 2, True, 2),  # measured on an H200: best 4 (+1.4%), 2 +1.2%
+    (1, 32768, 8, 2, True, 4),  # +4.2%
+    (1, 16384, 16, 2, True, 4),  # +7.5%
+    (1, 16384, 4, 1, True, 2),  # +76%: one kv head's 128 CTAs left SMs idle
+    (2, 8192, 8, 2, True, 1),  # 2 parts -1.0%
+    (4, 4096, 8, 2, True, 1),  # 2 parts -2%
+    (1, 16384, 8, 2, False, 1),  # non-causal: no tail to shorten
+    (1, 16384, 4, 1, False, 2),  # ... but 128 CTAs are fewer than 132 SMs
+    (1, 1024, 8, 1, True, 8),  # 8 CTAs: as many parts as heads
+    (1, 16384, 16, 16, True, 1),  # no group to split
+])
+def test_default_group_splits(monkeypatch, batch, seq, hq, hkv, is_causal, want):
+    from ccajax.pallas import attention_bwd_sm90
+    monkeypatch.setattr(attention_bwd_sm90, "sm_count", lambda: 132)  # an H100 SXM or H200
+    assert default_group_splits(batch, seq, seq, hq, hkv, is_causal=is_causal,
+                                dkv_blocks=(64, 128)) == want
+
+
 def test_fused_dq_segments_and_fp16(rng):
     seg = _packed_segments(1, 100, [7, 50, 1, 30, 12])
     _check(*_inputs(rng, jnp.float16, 1, 100, 100, 4, 2, 128), is_causal=True,
@@ -302,10 +338,14 @@ def _args(**over):
           o_shape=(1, 128, 4, 128), d_shape=(1, 128, 4, 128), l_shape=(1, 4, 128),
           fused_dq=True, dkv_block_q=128),
      r"dkv_block_q=128, dkv_block_kv=128 with d=128, stages=2 and fused_dq need \d+ bytes"),
+    (dict(group_splits=4),
+     r"group_splits must be a positive int dividing the group Hq / Hkv = 2; got group_splits=4"),
+    (dict(group_splits=True), r"group_splits must be a positive int .*; got group_splits=True"),
 ], ids=["f32", "mixed-dtypes", "lse-dtype", "d96", "hkv-not-dividing", "dq_block_q96",
         "dkv_block_kv256", "stages1", "k-v-shapes", "batch", "q-3d", "out-shape", "d_out-shape", "lse-shape",
         "zero-scale", "causal-int", "segment-shape", "segment-dtype", "segment-sq-ne-sk",
-        "smem-dq-b128-stages4", "fused-d64-2wg", "fused-not-bool", "smem-fused-bq128"])
+        "smem-dq-b128-stages4", "fused-d64-2wg", "fused-not-bool", "smem-fused-bq128",
+        "group-splits-not-dividing", "group-splits-bool"])
 def test_errors(over, match):
     arrays, kwargs = _args(**over)
     with pytest.raises(ValueError, match=match):
@@ -324,10 +364,12 @@ _GPU_REASON = "compiles the kernels for a real Hopper GPU; CPU runs use interpre
     dict(stages=3), dict(register_operands=False), dict(fused_dq=False), dict(fused_dq=True),
     dict(fused_dq=True, dkv_block_kv=64), dict(fused_dq=True, register_operands=False),
     dict(auto_barriers=True), dict(auto_barriers=True, fused_dq=False),
-    dict(single_warp_producer=False), dict(single_warp_producer=False, fused_dq=False)],
+    dict(single_warp_producer=False), dict(single_warp_producer=False, fused_dq=False),
+    dict(group_splits=1), dict(group_splits=2), dict(group_splits=4, fused_dq=False)],
     ids=["default", "1wg", "b128", "stages3", "smem-operands", "dq-kernel", "fused", "fused-1wg",
          "fused-smem-operands", "auto-barriers", "auto-barriers-dq-kernel",
-         "warpgroup-producer", "warpgroup-producer-dq-kernel"])
+         "warpgroup-producer", "warpgroup-producer-dq-kernel", "group-splits1",
+         "group-splits2", "group-splits4-dq-kernel"])
 def test_compiled_on_gpu(rng, config, is_causal):
     q, k, v, d_out = _inputs(rng, jnp.bfloat16, 2, 1000, 1000, 8, 2, 128)
     out, lse, ref_grads = _reference(q, k, v, d_out, is_causal=is_causal, scale=128 ** -0.5)

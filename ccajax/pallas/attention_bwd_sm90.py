@@ -49,11 +49,15 @@ warpgroups the registers are split 240 / 24 (compute / producer).
   are awaited while this wgmma runs). Causal: q blocks reversed (longest first), kv
   tiles above the diagonal never loaded, unmasked tiles first, then the masked ones; a
   warpgroup with fewer steps than its CTA releases the rest (``kv_flush``).
-* dK/dV kernel, grid ``(Hkv, Sk / dkv_block_kv, B)``: each compute warpgroup loads its 64 keys of
-  k and v once and keeps fp32 dK and dV accumulators in registers. The producer streams q, lse2
-  (one barrier) and dO, delta (another) tiles of ``dkv_block_q`` queries for the flat step
-  sequence (query head g of the kv head's group, q block), so the GQA reduction over the group
-  happens inside the kernel and the prefetch runs across the head boundary. Per step: S^T and
+* dK/dV kernel, grid ``(Hkv * group_splits, Sk / dkv_block_kv, B)``: each compute warpgroup
+  loads its 64 keys of k and v once and keeps fp32 dK and dV accumulators in registers. The
+  producer streams q, lse2 (one barrier) and dO, delta (another) tiles of ``dkv_block_q``
+  queries for the flat step sequence (query head g of the CTA's share of the kv head's group,
+  q block), so the GQA reduction over that share happens inside the kernel and the prefetch
+  runs across the head boundary. With ``group_splits`` > 1 each of a kv block's CTAs writes
+  partial dK/dV for its share of the group and the wrapper adds them up (in fp32): under a
+  causal mask the CTA of kv block 0 walks every q block of every head of the group, and
+  without the split that one CTA can outlast the average SM's whole share of the grid. Per step: S^T and
   dP^T issued back to back, then dV += P^T dO and dK += dS^T Q issued back to back, during
   which the next step's operands are awaited. The q blocks are walked from the last down, so
   the CTAs of a kv head read the same q/dO tiles (and add into the same dQ rows) at about the
@@ -101,7 +105,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.pallas.sm90_common import (BLOCK_MULTIPLE, LOG2E, check_attention_args,
-                                       check_block_sizes, pad_axis, round_up)
+                                       check_block_sizes, pad_axis, round_up, sm_count)
 from ccajax.pallas.sm90_pipeline import (WG_ROWS, KVSteps, add_to_gmem, check_interpret_threads,
                                          col_vec, f32_tile_transforms, in_interpret_mode, kv_flush,
                                          matmul, matmul_into, next_step_wait,
@@ -153,6 +157,44 @@ def fused_dq_unsupported(head_dim: int, dkv_block_kv: int) -> str | None:
     return None
 
 
+# group_splits=None under a causal mask: split each kv head's group over as many dK/dV CTAs
+# as keep every CTA at least this many steps (q blocks of one head) on average. H200, bf16,
+# d=128, sustained windows (results/tune_attention_bwd_h200_2026-12-02_group_splits_*),
+# backward TF/s against the undivided group for 2 / 4 / 8 parts, with each part's average
+# steps: 16k 8:2 +1.2% (258) / +1.4% (129), 16k 16:2 +6.0 / +7.5 (258) / +7.7% (129), 16k 4:1
+# +76% (258; 128 CTAs leave SMs idle), 32k 8:2 +3.3 / +4.2% (257), 8k 16:2 (B=2) +8.3% (260)
+# / +9.6 / +2.6%; but 8k 8:2 (B=2) -1.0% (130) / -7%, 4k 8:2 (B=4) -2% (66) / -10%: once
+# CTAs are short, their fixed costs and the sum of the parts outweigh the shorter tail of the
+# grid (where the CTA of kv block 0 walks every q block of the whole group). Non-causal CTAs
+# are all equally long: at 16k (8:2, 16:2, 4:1) 2 to 8 parts ran from 1.7% slower to 0.8%
+# faster, within the noise (one configuration timed twice differed by up to 1%).
+MIN_DKV_CTA_STEPS = 256
+
+
+def default_group_splits(batch: int, seq_q: int, seq_k: int, num_q_heads: int,
+                         num_kv_heads: int, *, is_causal: bool, dkv_blocks) -> int:
+    """``group_splits`` for ``group_splits=None``: under a causal mask, the largest divisor of
+    the group Hq / Hkv that leaves each dK/dV CTA ``MIN_DKV_CTA_STEPS`` steps on average; with
+    either mask, more parts while the grid has fewer CTAs than the GPU has SMs.
+
+    Args: the problem's sizes (unpadded), its mask, and the dK/dV kernel's (block_q, block_kv).
+    """
+    group = num_q_heads // num_kv_heads
+    block_q, block_kv = dkv_blocks
+    num_q_blocks = -(-seq_q // block_q)
+    starts = range(0, seq_k, block_kv)
+    # A causal CTA skips the q blocks before the first one that sees its first key.
+    steps = [num_q_blocks - min(max(s - (seq_k - seq_q), 0) // block_q, num_q_blocks)
+             for s in starts] if is_causal else []
+    divisors = [n for n in range(1, group + 1) if group % n == 0]
+    splits = max(n for n in divisors if n == 1 or (
+        steps and group // n * sum(steps) / len(steps) >= MIN_DKV_CTA_STEPS))
+    for n in divisors:
+        if n > splits and num_kv_heads * splits * len(starts) * batch < sm_count():
+            splits = n
+    return splits
+
+
 def _clamp_block(block: int, seq: int) -> int:
     """Short sequences do not need a tile larger than their padded length."""
     return min(block, round_up(seq, BLOCK_MULTIPLE))
@@ -162,7 +204,8 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
                   segment_ids=None, dq_block_q: int = 128, dq_block_kv: int | None = None,
                   dkv_block_q: int = 64, dkv_block_kv: int = 128, stages: int = 2,
                   register_operands: bool | None = None, fused_dq: bool | None = None,
-                  auto_barriers: bool = False, single_warp_producer: bool | None = None):
+                  auto_barriers: bool = False, single_warp_producer: bool | None = None,
+                  group_splits: int | None = None):
     """Flash-attention backward on Hopper; see the module docstring for the kernel layout.
 
     Args:
@@ -203,6 +246,12 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
         still issued once. Measured on an H200 at 16k (5 rounds): +1.8% backward TF/s on
         average, causal +1.6 to +4.5%. None: True, except for inputs batch-sharded inside
         `jax.shard_map` (`resolve_single_warp_producer`).
+      group_splits: GQA (Hq > Hkv): the dK/dV kernel splits each kv head's group of Hq / Hkv
+        query heads over this many CTAs per kv block (a divisor of Hq / Hkv). Each writes
+        partial dK and dV in the input dtype and the wrapper sums them in fp32, so dk and dv
+        carry one more rounding (as FlashAttention-2's GQA backward). More, shorter CTAs
+        shorten the grid's tail under a causal mask, where the CTA of kv block 0 walks every
+        q block of the whole group. None: `default_group_splits`.
     Returns:
       (dq, dk, dv) with the shapes and dtype of q, k, v.
     Raises:
@@ -257,6 +306,14 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
                 f"{' and fused_dq' if fused_dq else ''} need {need} bytes of "
                 f"shared memory, more than the {SMEM_LIMIT_BYTES} an sm90 CTA has; use smaller "
                 f"blocks or fewer stages")
+    group = q.shape[2] // k.shape[2]
+    if group_splits is None:
+        group_splits = default_group_splits(q.shape[0], seq_q, seq_k, q.shape[2], k.shape[2],
+                                            is_causal=is_causal, dkv_blocks=dkv_blocks)
+    if (not isinstance(group_splits, int) or isinstance(group_splits, bool)
+            or group_splits < 1 or group % group_splits):
+        raise ValueError(f"group_splits must be a positive int dividing the group Hq / Hkv = "
+                         f"{group}; got group_splits={group_splits!r}")
     scale = head_dim ** -0.5 if scale is None else float(scale)
     if segments:
         segment_ids = segment_ids.astype(jnp.int32)
@@ -265,7 +322,8 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
                           register=bool(register_operands), fused_dq=fused_dq,
                           auto_barriers=bool(auto_barriers),
                           single_warp_producer=resolve_single_warp_producer(
-                              single_warp_producer, q, k, v, out, d_out, segment_ids))
+                              single_warp_producer, q, k, v, out, d_out, segment_ids),
+                          group_splits=group_splits)
 
 
 def _check_residuals(q, out, lse, d_out) -> None:
@@ -302,10 +360,16 @@ class _Problem:
     fused_dq: bool
     auto_barriers: bool
     single_warp_producer: bool
+    group_splits: int
 
     @property
     def group(self) -> int:
         return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def heads_per_dkv_cta(self) -> int:
+        """Query heads whose steps one dK/dV CTA walks: its share of the kv head's group."""
+        return self.group // self.group_splits
 
     @property
     def causal_offset(self) -> int:
@@ -325,9 +389,11 @@ class _Problem:
 
 @functools.partial(jax.jit, static_argnames=("is_causal", "scale", "dq_blocks", "dkv_blocks",
                                              "stages", "register", "fused_dq",
-                                             "auto_barriers", "single_warp_producer"))
+                                             "auto_barriers", "single_warp_producer",
+                                             "group_splits"))
 def _attention_bwd(q, k, v, out, lse, d_out, segment_ids, *, is_causal, scale, dq_blocks,
-                   dkv_blocks, stages, register, fused_dq, auto_barriers, single_warp_producer):
+                   dkv_blocks, stages, register, fused_dq, auto_barriers, single_warp_producer,
+                   group_splits):
     batch, seq_q, num_q_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
     # One padding serves the kernels that run (every block size is 64 or 128); with fused_dq the
@@ -337,7 +403,7 @@ def _attention_bwd(q, k, v, out, lse, d_out, segment_ids, *, is_causal, scale, d
     seq_k_pad = round_up(seq_k, max(b[1] for b in blocks))
     prob = _Problem(batch, seq_q, seq_k, seq_q_pad, seq_k_pad, num_q_heads, num_kv_heads,
                     head_dim, q.dtype, is_causal, scale, segment_ids is not None, register,
-                    fused_dq, auto_barriers, single_warp_producer)
+                    fused_dq, auto_barriers, single_warp_producer, group_splits)
 
     # --- jnp pre-pass: delta, lse in log2 units with "no key" rows -> +inf, padding ---------
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
@@ -358,7 +424,17 @@ def _attention_bwd(q, k, v, out, lse, d_out, segment_ids, *, is_causal, scale, d
     else:
         dk, dv = _dkv_kernel(prob, *dkv_blocks, stages)(*inputs)
         dq = _dq_kernel(prob, *dq_blocks, stages)(*inputs)
-    return dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k]
+    dk, dv = (_sum_parts(x[:, :seq_k], num_kv_heads, group_splits) for x in (dk, dv))
+    return dq[:, :seq_q], dk, dv
+
+
+def _sum_parts(parts, num_kv_heads: int, group_splits: int):
+    """(B, Sk, Hkv * group_splits, d) partial gradients -> (B, Sk, Hkv, d), summed in fp32."""
+    if group_splits == 1:
+        return parts
+    batch, seq_k, _, head_dim = parts.shape
+    split = parts.reshape(batch, seq_k, num_kv_heads, group_splits, head_dim)
+    return split.astype(jnp.float32).sum(axis=3).astype(parts.dtype)
 
 
 def _unpack(refs, has_segments, num_rest):
@@ -563,19 +639,24 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
         # fused_dq: the dq_sum Ref comes before the outputs dk, dv.
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, *dq_sum, dk_ref, dv_ref = (
             _unpack(refs, p.has_segments, 2 + p.fused_dq))
-        kv_head = lax.axis_index("heads")
+        # The grid's head axis counts (kv head, part of its group): each CTA walks query heads
+        # first_head .. first_head + heads_per_dkv_cta - 1 and writes partial dK/dV under its
+        # own index, which the wrapper sums over the parts.
+        part = lax.axis_index("heads")
+        kv_head = lax.div(part, jnp.int32(p.group_splits))
+        first_head = part * p.heads_per_dkv_cta
         b = lax.axis_index("batch")
         wg = lax.axis_index("wg")
         # Causal: kv block 0 sees every q block and is scheduled first (the grid's x axis is
         # the head), so the light blocks fill the tail.
         cta_kv_start = lax.axis_index("kv_blocks") * block_kv
         cta_q_lo, _ = q_range(cta_kv_start, block_kv)
-        # Flat step t = (query head g of the group, i): the producer's prefetch runs across the
+        # Flat step t = (query head g of the CTA's heads, i): the producer's prefetch runs across the
         # head boundary. Step i visits q block num_q_blocks - 1 - i: last to first, so that
         # the CTAs of a kv head read the same q/dO tiles and (fused_dq) add into the same dQ
         # rows at about the same time, from L2, even under a causal mask.
         steps_per_head = num_q_blocks - cta_q_lo
-        total_steps = p.group * steps_per_head
+        total_steps = p.heads_per_dkv_cta * steps_per_head
 
         @pl.when(wg == wgs)
         def _producer():
@@ -583,7 +664,7 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                 plgpu.set_max_registers(_PRODUCER_REGS, action="decrease")
 
             def issue(t, slot):
-                head = kv_head * p.group + lax.div(t, steps_per_head)
+                head = first_head + lax.div(t, steps_per_head)
                 rows = pl.ds((num_q_blocks - 1 - lax.rem(t, steps_per_head)) * block_q,
                              block_q)
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows, head], q_smem.at[slot],
@@ -718,7 +799,7 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
                         dk_acc = dk_acc + matmul(pt_smem.at[wg], q_tile, (WG_ROWS, p.head_dim))
                     next_step()  # the GPU order of barrier waits, for the interpreter's checks
                 if p.fused_dq:
-                    head = kv_head * p.group + g
+                    head = first_head + g
                     add_dq(dq[0], dq_sum[0].at[b, pl.ds(qb * block_q, block_q), head,
                                                 pl.ds(wg * dq_cols, dq_cols)])
                 # lse2, delta (and ids) were read with ordinary loads and the producer's next
@@ -745,7 +826,7 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
 
             pl.when(total_steps > 0)(lambda: wait_slot(0))
             zeros = zeros_acc((WG_ROWS, p.head_dim))
-            dk_acc, dv_acc = lax.fori_loop(0, p.group, head_loop, (zeros, zeros))
+            dk_acc, dv_acc = lax.fori_loop(0, p.heads_per_dkv_cta, head_loop, (zeros, zeros))
             if p.fused_dq:
                 # The other warpgroup's last dQ wgmma reads this warpgroup's k rows: one more
                 # meeting before they are overwritten.
@@ -756,8 +837,8 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
             k_tile[...] = (dk_acc * p.scale).astype(p.dtype)
             v_smem.at[wg][...] = dv_acc.astype(p.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[b, kv_rows, kv_head])
-            plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, kv_rows, kv_head])
+            plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[b, kv_rows, part])
+            plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, kv_rows, part])
             plgpu.wait_smem_to_gmem(0)
 
     transforms = tile_transforms()
@@ -785,12 +866,13 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
         dst_ready=plgpu.Barrier(num_arrivals=wgs) if fused else None,
         dq_loaded=(plgpu.Barrier(num_barriers=wgs) if fused and interpret else None),
     )
-    kv_shape = jax.ShapeDtypeStruct((p.batch, p.seq_k_pad, p.num_kv_heads, p.head_dim), p.dtype)
+    num_parts = p.num_kv_heads * p.group_splits
+    kv_shape = jax.ShapeDtypeStruct((p.batch, p.seq_k_pad, num_parts, p.head_dim), p.dtype)
     return plgpu.kernel(
         kernel,
         out_type=(kv_shape, kv_shape),
         scratch_types=scratch,
-        grid=(p.num_kv_heads, num_kv_blocks, p.batch),
+        grid=(num_parts, num_kv_blocks, p.batch),
         grid_names=("heads", "kv_blocks", "batch"),
         num_threads=wgs + 1,
         thread_name="wg",
