@@ -1,5 +1,5 @@
 """Attention kernels side by side on the GPU: ours ("mosaic") against cuDNN, XLA and tokamax, and
-our forward with cuDNN's backward ("mosaic_fwd_cudnn_bwd", the default on Hopper where it wins).
+our forward with cuDNN's backward ("mosaic_fwd_cudnn_bwd", the check on our backward).
 
     PYTHONPATH=. python3 benchmarks/attention.py --out=$OUT/attention.json
 

@@ -111,42 +111,27 @@ def on_hopper() -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
-# The one case where the default hands the backward to cuDNN (after our forward): causal,
-# q heads sharing kv heads (Hq > Hkv), Sk beyond this. Whole layers' fwd+bwd on an H200 in
-# sustained 1 s windows (2026-12-02, benchmarks/results/layers_h200_2026-12-02_own_bwd_*.json;
-# MHA 16:16, CCA 8:8 and 4:4, CCGQA 8:2), our backward's time against the hybrid's: non-causal
-# 4k-32k, ours ahead in 13 of 15 (by up to 1.2%; 0.2% and 0.1% behind in the other two);
-# causal 16k-32k, ours ahead in the 5 layers without head sharing (0.1-1.1%) and behind in
-# CCGQA 8:2 (0.7% at 16k, 1.1% at 32k, in every round). Up to 8k causal ours wins by more
-# (attention alone, 4k 8:2: 489 / 425 TF/s). Before these runs the limits were 2k non-causal
-# and 8k causal, from single-sync layer timings of an earlier backward.
-OWN_BACKWARD_MAX_CAUSAL_GQA_SEQ_K = 8192
-
-
 def default_implementation(q, k, v, segment_ids, is_causal: bool = False) -> str:
-    """On Hopper (compute capability 9.x), when our kernels take the call: ours both ways
-    ("mosaic"), except causal calls with shared kv heads (Hq > Hkv) beyond
-    ``OWN_BACKWARD_MAX_CAUSAL_GQA_SEQ_K`` keys, which pair our forward with cuDNN's backward
-    ("mosaic_fwd_cudnn_bwd") where that backward takes the call. Elsewhere cudnn on a GPU when it
-    takes the call, else xla.
+    """On Hopper (compute capability 9.x), "mosaic" (our kernels both ways) when they take the
+    call; elsewhere cudnn on a GPU when it takes the call, else xla.
 
     Why (H200, 2026-12-02, sustained windows): our forward beats cuDNN's in every cell timed
-    (1.08-1.26x causal and 1.01-1.04x non-causal at 4k and 16k), and in whole layers our
-    backward is within 0.2% of cuDNN's or ahead everywhere except the causal GQA case above,
-    where cuDNN's is 0.7-1.1% faster (see the constant). Our kernels also take segment ids and
-    odd lengths, which send cuDNN calls to xla. cuDNN needs bf16/fp16, equal q/v head dims and
-    no segments here; its backward (jax 0.11.2, cuDNN 9.19 on H100) raises NotImplementedError
+    (1.08-1.26x causal and 1.01-1.04x non-causal at 4k and 16k), and in whole layers (MHA,
+    CCA 8:8 and 4:4, CCGQA 8:2 and 4:2; 4k-32k, causal and not) our backward is ahead of
+    cuDNN's after our forward ("mosaic_fwd_cudnn_bwd") or within 0.2% of it
+    (benchmarks/results/layers_h200_2026-12-02_own_bwd_*.json and ..._group_splits.json).
+    The last layers where cuDNN's backward won, causal CCGQA 8:2 beyond 8k (by 0.7-1.1%), went
+    ours once the dK/dV kernel split each kv head's group of query heads over several CTAs
+    (``attention_bwd_sm90.default_group_splits``). Our kernels also take segment ids and odd
+    lengths, which send cuDNN calls to xla. cuDNN needs bf16/fp16, equal q/v head dims and no
+    segments here; its backward (jax 0.11.2, cuDNN 9.19 on H100) raises NotImplementedError
     for odd sequence lengths, so those go to xla.
     """
+    del is_causal  # every mask our kernels take goes to them on Hopper; cuDNN takes both
     if jax.default_backend() != "gpu":
         return "xla"
     if on_hopper() and _mosaic_supports(q, v):
-        from ccajax.pallas.attention import cudnn_backward_unsupported
-        cudnn_backward_faster = (is_causal and q.shape[2] > k.shape[2]
-                                 and k.shape[1] > OWN_BACKWARD_MAX_CAUSAL_GQA_SEQ_K)
-        if not cudnn_backward_faster or cudnn_backward_unsupported(q, k, segment_ids, is_causal):
-            return "mosaic"
-        return "mosaic_fwd_cudnn_bwd"
+        return "mosaic"
     even = q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0
     return "cudnn" if even and _cudnn_supports(q, v, segment_ids) else "xla"
 
@@ -168,8 +153,8 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, scale: float | No
         same with a separate dq kernel: bit-identical gradients run to run),
         ``"mosaic_fwd_cudnn_bwd"`` (our forward kernel, cuDNN's backward kernel
         on its residuals: as mosaic, plus no segment_ids, even lengths, Sq == Sk when causal),
-        or None for :func:`default_implementation` (one of the two mosaic ones on Hopper, else
-        cudnn where it applies, else xla).
+        or None for :func:`default_implementation` (mosaic on Hopper, else cudnn where it
+        applies, else xla).
       interpret: run the mosaic kernels on the CPU in Mosaic GPU interpret mode (for tests);
         needs ``implementation`` None, ``"mosaic"`` or ``"mosaic_deterministic"``.
     Returns:
