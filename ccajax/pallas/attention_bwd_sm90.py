@@ -651,8 +651,8 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
         # the head), so the light blocks fill the tail.
         cta_kv_start = lax.axis_index("kv_blocks") * block_kv
         cta_q_lo, _ = q_range(cta_kv_start, block_kv)
-        # Flat step t = (query head g of the CTA's heads, i): the producer's prefetch runs across the
-        # head boundary. Step i visits q block num_q_blocks - 1 - i: last to first, so that
+        # Flat step t = (query head g of the CTA's heads, i): the producer's prefetch runs
+        # across the head boundary. Step i visits q block num_q_blocks - 1 - i: last to first, so that
         # the CTAs of a kv head read the same q/dO tiles and (fused_dq) add into the same dQ
         # rows at about the same time, from L2, even under a causal mask.
         steps_per_head = num_q_blocks - cta_q_lo
