@@ -16,8 +16,10 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/python -m experiments.demo
 
+# One pytest-xdist worker per core, at most 4 (each holds its own JAX): on CI's 2 cores the
+# suite took 13.5 min against 20.5 min in one process (2026-12-02).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest -n auto --maxprocesses=4 tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache
