@@ -19,7 +19,7 @@ import pytest
 # would hold CI to its time limit: past this many seconds in one test, a watchdog thread prints
 # every thread's traceback and ends the process (exit code 1): the run, or under pytest-xdist
 # (`make test`) the worker, which xdist reports as crashed while the others carry on. The
-# slowest test took 49 s in CI (2 cores, 2 xdist workers, 2026-12-02).
+# slowest test took 41-49 s in CI (2 cores, 2 xdist workers, 2026-12-02).
 HANG_S = float(os.environ.get("CCAJAX_TEST_HANG_S", 900))
 
 
