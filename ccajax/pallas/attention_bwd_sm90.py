@@ -57,12 +57,12 @@ warpgroups the registers are split 240 / 24 (compute / producer).
   runs across the head boundary. With ``group_splits`` > 1 each of a kv block's CTAs writes
   partial dK/dV for its share of the group and the wrapper adds them up (in fp32): under a
   causal mask the CTA of kv block 0 walks every q block of every head of the group, and
-  without the split that one CTA can outlast the average SM's whole share of the grid. Per step: S^T and
-  dP^T issued back to back, then dV += P^T dO and dK += dS^T Q issued back to back, during
-  which the next step's operands are awaited. The q blocks are walked from the last down, so
-  the CTAs of a kv head read the same q/dO tiles (and add into the same dQ rows) at about the
-  same time: from L2, also under a causal mask (walking up made the fused kernel 2-10% slower
-  there).
+  without the split that one CTA can outlast the average SM's whole share of the grid. Per
+  step: S^T and dP^T issued back to back, then dV += P^T dO and dK += dS^T Q issued back to
+  back, during which the next step's operands are awaited. The q blocks are walked from the
+  last down, so the CTAs of a kv head read the same q/dO tiles (and add into the same dQ rows)
+  at about the same time: from L2, also under a causal mask (walking up made the fused kernel
+  2-10% slower there).
   fused_dq: each warpgroup also stores its dS^T rows to a shared tile (two, by step parity),
   the warpgroups meet on a barrier, and each computes dQ for its half of the head dim,
   dS K[:, half] (A: the transposed dS^T tile, B: a column slice of the CTA's k tile), and
@@ -181,7 +181,7 @@ def default_group_splits(batch: int, seq_q: int, seq_k: int, num_q_heads: int,
     """
     group = num_q_heads // num_kv_heads
     block_q, block_kv = dkv_blocks
-    num_q_blocks = -(-seq_q // block_q)
+    num_q_blocks = pl.cdiv(seq_q, block_q)
     starts = range(0, seq_k, block_kv)
     # A causal CTA skips the q blocks before the first one that sees its first key.
     steps = [num_q_blocks - min(max(s - (seq_k - seq_q), 0) // block_q, num_q_blocks)
@@ -424,16 +424,16 @@ def _attention_bwd(q, k, v, out, lse, d_out, segment_ids, *, is_causal, scale, d
     else:
         dk, dv = _dkv_kernel(prob, *dkv_blocks, stages)(*inputs)
         dq = _dq_kernel(prob, *dq_blocks, stages)(*inputs)
-    dk, dv = (_sum_parts(x[:, :seq_k], num_kv_heads, group_splits) for x in (dk, dv))
+    dk, dv = (_sum_parts(x[:, :seq_k], group_splits) for x in (dk, dv))
     return dq[:, :seq_q], dk, dv
 
 
-def _sum_parts(parts, num_kv_heads: int, group_splits: int):
+def _sum_parts(parts, group_splits: int):
     """(B, Sk, Hkv * group_splits, d) partial gradients -> (B, Sk, Hkv, d), summed in fp32."""
     if group_splits == 1:
         return parts
-    batch, seq_k, _, head_dim = parts.shape
-    split = parts.reshape(batch, seq_k, num_kv_heads, group_splits, head_dim)
+    batch, seq_k, num_parts, head_dim = parts.shape
+    split = parts.reshape(batch, seq_k, num_parts // group_splits, group_splits, head_dim)
     return split.astype(jnp.float32).sum(axis=3).astype(parts.dtype)
 
 
@@ -652,9 +652,9 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
         cta_kv_start = lax.axis_index("kv_blocks") * block_kv
         cta_q_lo, _ = q_range(cta_kv_start, block_kv)
         # Flat step t = (query head g of the CTA's heads, i): the producer's prefetch runs
-        # across the head boundary. Step i visits q block num_q_blocks - 1 - i: last to first, so that
-        # the CTAs of a kv head read the same q/dO tiles and (fused_dq) add into the same dQ
-        # rows at about the same time, from L2, even under a causal mask.
+        # across the head boundary. Step i visits q block num_q_blocks - 1 - i: last to first,
+        # so that the CTAs of a kv head read the same q/dO tiles and (fused_dq) add into the
+        # same dQ rows at about the same time, from L2, even under a causal mask.
         steps_per_head = num_q_blocks - cta_q_lo
         total_steps = p.heads_per_dkv_cta * steps_per_head
 
