@@ -46,6 +46,8 @@ CONFIGS = {
     "smem_operands": dict(register_operands=False),
     "fused_dq": dict(fused_dq=True),
     "fused_dq_1wg": dict(fused_dq=True, dkv_block_kv=64),
+    # The separate dQ kernel (bit-reproducible; the GPU default before the fused dQ).
+    "separate_dq": dict(fused_dq=False),
     # Pallas' warpgroup syncs around shared-memory accesses (the default before 2026-12-02).
     "auto_barriers": dict(auto_barriers=True),
     # Each producer on its whole warpgroup (the default before 2026-12-02, session 18).
@@ -53,6 +55,8 @@ CONFIGS = {
     # GQA: each kv head's group of query heads over 1, 2, 4 or 8 dK/dV CTAs per kv block
     # (an error where the count does not divide Hq / Hkv).
     **{f"group_splits{n}": dict(group_splits=n) for n in (1, 2, 4, 8)},
+    # Non-causal: the dK/dV CTA of kv block j starts its q walk j % n blocks along.
+    **{f"q_stagger{n}": dict(q_stagger=n) for n in (4, 16, 64, 256)},
 }
 
 

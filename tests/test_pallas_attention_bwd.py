@@ -211,6 +211,28 @@ def test_group_splits(rng, case):
            group_splits=group_splits, fused_dq=fused_dq, detect_races=not fused_dq)
 
 
+STAGGER_CASES = {
+    # id: ((batch, Sq, Sk, Hq, Hkv, d), q_stagger, fused_dq): four q blocks per head, so the
+    # two kv blocks' CTAs start their walks at different blocks (and wrap around).
+    "gqa2-stagger3-fused": ((1, 256, 200, 4, 2, 128), 3, True),
+    "gqa2-stagger2-dq-kernel-sq200-sk256": ((1, 200, 256, 4, 2, 64), 2, False),
+}
+
+
+@pytest.mark.parametrize("case", list(STAGGER_CASES.values()), ids=list(STAGGER_CASES))
+def test_q_stagger(rng, case):
+    """Non-causal dK/dV CTAs starting their q walk at different q blocks (``q_stagger``)."""
+    (batch, seq_q, seq_k, hq, hkv, d), q_stagger, fused_dq = case
+    _check(*_inputs(rng, jnp.bfloat16, batch, seq_q, seq_k, hq, hkv, d), is_causal=False,
+           q_stagger=q_stagger, fused_dq=fused_dq, detect_races=not fused_dq)
+
+
+def test_q_stagger_with_segments(rng):
+    seg = _packed_segments(1, 200, [7, 90, 1, 40, 62])
+    _check(*_inputs(rng, jnp.bfloat16, 1, 200, 200, 2, 1, 64), is_causal=False,
+           segment_ids=seg, q_stagger=2, fused_dq=False)
+
+
 @pytest.mark.parametrize("batch, seq, hq, hkv, is_causal, want", [
     (1, 16384, 8, 2, True, 2),  # measured on an H200: best 4 (+1.4%), 2 +1.2%
     (1, 32768, 8, 2, True, 4),  # +4.2%
@@ -341,11 +363,14 @@ def _args(**over):
     (dict(group_splits=4),
      r"group_splits must be a positive int dividing the group Hq / Hkv = 2; got group_splits=4"),
     (dict(group_splits=True), r"group_splits must be a positive int .*; got group_splits=True"),
+    (dict(q_stagger=2, is_causal=True),
+     r"q_stagger must be a positive int \(1 under a causal mask\); got q_stagger=2"),
+    (dict(q_stagger=0), r"q_stagger must be a positive int; got q_stagger=0"),
 ], ids=["f32", "mixed-dtypes", "lse-dtype", "d96", "hkv-not-dividing", "dq_block_q96",
         "dkv_block_kv256", "stages1", "k-v-shapes", "batch", "q-3d", "out-shape", "d_out-shape", "lse-shape",
         "zero-scale", "causal-int", "segment-shape", "segment-dtype", "segment-sq-ne-sk",
         "smem-dq-b128-stages4", "fused-d64-2wg", "fused-not-bool", "smem-fused-bq128",
-        "group-splits-not-dividing", "group-splits-bool"])
+        "group-splits-not-dividing", "group-splits-bool", "q-stagger-causal", "q-stagger-0"])
 def test_errors(over, match):
     arrays, kwargs = _args(**over)
     with pytest.raises(ValueError, match=match):
@@ -374,6 +399,17 @@ def test_compiled_on_gpu(rng, config, is_causal):
     q, k, v, d_out = _inputs(rng, jnp.bfloat16, 2, 1000, 1000, 8, 2, 128)
     out, lse, ref_grads = _reference(q, k, v, d_out, is_causal=is_causal, scale=128 ** -0.5)
     grads = attention_bwd(q, k, v, out.astype(q.dtype), lse, d_out, is_causal=is_causal,
+                          scale=None, **config)
+    _assert_close([np.asarray(g.astype(jnp.float32)) for g in grads], ref_grads, q.dtype)
+
+
+@pytest.mark.skipif(not _ON_GPU, reason=_GPU_REASON)
+@pytest.mark.parametrize("config", [dict(q_stagger=4), dict(q_stagger=16, fused_dq=False)],
+                         ids=["stagger4", "stagger16-dq-kernel"])
+def test_q_stagger_compiled_on_gpu(rng, config):
+    q, k, v, d_out = _inputs(rng, jnp.bfloat16, 2, 1000, 1000, 8, 2, 128)
+    out, lse, ref_grads = _reference(q, k, v, d_out, is_causal=False, scale=128 ** -0.5)
+    grads = attention_bwd(q, k, v, out.astype(q.dtype), lse, d_out, is_causal=False,
                           scale=None, **config)
     _assert_close([np.asarray(g.astype(jnp.float32)) for g in grads], ref_grads, q.dtype)
 

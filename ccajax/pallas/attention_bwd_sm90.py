@@ -116,6 +116,12 @@ from ccajax.pallas.sm90_pipeline import (WG_ROWS, KVSteps, add_to_gmem, check_in
 MAX_BLOCK = 128
 # Shared memory per CTA on sm90 (opt-in maximum); Mosaic GPU aligns every buffer to 1 KiB.
 SMEM_LIMIT_BYTES = 227 * 1024
+# Non-causal dK/dV CTAs start their q walks up to this many blocks apart (`q_stagger`). On an
+# H100 (2026-12-02, tune_attention_bwd.py, sustained windows) staggering by 4 gave +4% backward
+# TF/s at 16k 8:2, +2% at 32k 8:2, +1% at 16k 16:16 and 4:4, 0-1% at 4k; 16, 64 and 256
+# measured the same within 1%. Unstaggered, the 66 CTAs of a kv head that run at once
+# reduce-add into the same dQ rows together.
+DEFAULT_Q_STAGGER = 4
 # Registers per thread with two compute warpgroups: 2 x 128 x 240 + 128 x 24 <= 64K.
 _COMPUTE_REGS, _PRODUCER_REGS = 240, 24
 
@@ -205,7 +211,7 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
                   dkv_block_q: int = 64, dkv_block_kv: int = 128, stages: int = 2,
                   register_operands: bool | None = None, fused_dq: bool | None = None,
                   auto_barriers: bool = False, single_warp_producer: bool | None = None,
-                  group_splits: int | None = None):
+                  group_splits: int | None = None, q_stagger: int | None = None):
     """Flash-attention backward on Hopper; see the module docstring for the kernel layout.
 
     Args:
@@ -252,6 +258,12 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
         carry one more rounding (as FlashAttention-2's GQA backward). More, shorter CTAs
         shorten the grid's tail under a causal mask, where the CTA of kv block 0 walks every
         q block of the whole group. None: `default_group_splits`.
+      q_stagger: without a causal mask, the dK/dV CTA of kv block j starts its walk over the
+        q blocks j % q_stagger blocks along (cyclically), so that concurrently running CTAs
+        read different q/dO tiles and (fused dQ) reduce-add into different dQ rows, instead of
+        all of a kv head's CTAs hitting the same rows at once. 1: no stagger. Must be 1 under
+        a causal mask (there the walk starts at each CTA's own diagonal). None: 1 under a
+        causal mask, else ``DEFAULT_Q_STAGGER``.
     Returns:
       (dq, dk, dv) with the shapes and dtype of q, k, v.
     Raises:
@@ -314,6 +326,12 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
             or group_splits < 1 or group % group_splits):
         raise ValueError(f"group_splits must be a positive int dividing the group Hq / Hkv = "
                          f"{group}; got group_splits={group_splits!r}")
+    if q_stagger is None:
+        q_stagger = 1 if is_causal else DEFAULT_Q_STAGGER
+    if (not isinstance(q_stagger, int) or isinstance(q_stagger, bool) or q_stagger < 1
+            or (is_causal and q_stagger != 1)):
+        where = " (1 under a causal mask)" if is_causal else ""
+        raise ValueError(f"q_stagger must be a positive int{where}; got q_stagger={q_stagger!r}")
     scale = head_dim ** -0.5 if scale is None else float(scale)
     if segments:
         segment_ids = segment_ids.astype(jnp.int32)
@@ -323,7 +341,7 @@ def attention_bwd(q, k, v, out, lse, d_out, *, is_causal: bool, scale: float | N
                           auto_barriers=bool(auto_barriers),
                           single_warp_producer=resolve_single_warp_producer(
                               single_warp_producer, q, k, v, out, d_out, segment_ids),
-                          group_splits=group_splits)
+                          group_splits=group_splits, q_stagger=q_stagger)
 
 
 def _check_residuals(q, out, lse, d_out) -> None:
@@ -361,6 +379,7 @@ class _Problem:
     auto_barriers: bool
     single_warp_producer: bool
     group_splits: int
+    q_stagger: int
 
     @property
     def group(self) -> int:
@@ -390,10 +409,10 @@ class _Problem:
 @functools.partial(jax.jit, static_argnames=("is_causal", "scale", "dq_blocks", "dkv_blocks",
                                              "stages", "register", "fused_dq",
                                              "auto_barriers", "single_warp_producer",
-                                             "group_splits"))
+                                             "group_splits", "q_stagger"))
 def _attention_bwd(q, k, v, out, lse, d_out, segment_ids, *, is_causal, scale, dq_blocks,
                    dkv_blocks, stages, register, fused_dq, auto_barriers, single_warp_producer,
-                   group_splits):
+                   group_splits, q_stagger):
     batch, seq_q, num_q_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
     # One padding serves the kernels that run (every block size is 64 or 128); with fused_dq the
@@ -403,7 +422,7 @@ def _attention_bwd(q, k, v, out, lse, d_out, segment_ids, *, is_causal, scale, d
     seq_k_pad = round_up(seq_k, max(b[1] for b in blocks))
     prob = _Problem(batch, seq_q, seq_k, seq_q_pad, seq_k_pad, num_q_heads, num_kv_heads,
                     head_dim, q.dtype, is_causal, scale, segment_ids is not None, register,
-                    fused_dq, auto_barriers, single_warp_producer, group_splits)
+                    fused_dq, auto_barriers, single_warp_producer, group_splits, q_stagger)
 
     # --- jnp pre-pass: delta, lse in log2 units with "no key" rows -> +inf, padding ---------
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
@@ -649,12 +668,22 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
         wg = lax.axis_index("wg")
         # Causal: kv block 0 sees every q block and is scheduled first (the grid's x axis is
         # the head), so the light blocks fill the tail.
-        cta_kv_start = lax.axis_index("kv_blocks") * block_kv
+        kv_block = lax.axis_index("kv_blocks")
+        cta_kv_start = kv_block * block_kv
         cta_q_lo, _ = q_range(cta_kv_start, block_kv)
+        stagger = lax.rem(kv_block, jnp.int32(p.q_stagger)) if p.q_stagger > 1 else None
+
+        def q_block(i):
+            """The q block of the i-th step of a head: the last first, ``stagger`` along."""
+            if stagger is None:
+                return num_q_blocks - 1 - i
+            return lax.rem(num_q_blocks - 1 - i + stagger, jnp.int32(num_q_blocks))
+
         # Flat step t = (query head g of the CTA's heads, i): the producer's prefetch runs
         # across the head boundary. Step i visits q block num_q_blocks - 1 - i: last to first,
         # so that the CTAs of a kv head read the same q/dO tiles and (fused_dq) add into the
-        # same dQ rows at about the same time, from L2, even under a causal mask.
+        # same dQ rows at about the same time, from L2, even under a causal mask; without one,
+        # ``q_stagger`` > 1 starts each CTA up to q_stagger - 1 blocks along instead.
         steps_per_head = num_q_blocks - cta_q_lo
         total_steps = p.heads_per_dkv_cta * steps_per_head
 
@@ -665,8 +694,7 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
 
             def issue(t, slot):
                 head = first_head + lax.div(t, steps_per_head)
-                rows = pl.ds((num_q_blocks - 1 - lax.rem(t, steps_per_head)) * block_q,
-                             block_q)
+                rows = pl.ds(q_block(lax.rem(t, steps_per_head)) * block_q, block_q)
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows, head], q_smem.at[slot],
                                         q_barriers.at[slot])
                 plgpu.copy_gmem_to_smem(lse_ref.at[b, head, rows], lse_smem.at[slot],
@@ -730,7 +758,7 @@ def _dkv_kernel(p: _Problem, block_q: int, block_kv: int, stages: int):
             def q_step(i, carry, *, g, masked: bool):
                 dk_acc, dv_acc = carry
                 t = g * steps_per_head + i
-                qb = num_q_blocks - 1 - i
+                qb = q_block(i)
                 slot = lax.rem(t, jnp.int32(stages))
                 q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
                 st, dpt = pl.run_scoped(
