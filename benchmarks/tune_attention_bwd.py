@@ -56,7 +56,7 @@ CONFIGS = {
     # (an error where the count does not divide Hq / Hkv).
     **{f"group_splits{n}": dict(group_splits=n) for n in (1, 2, 4, 8)},
     # Non-causal: the dK/dV CTA of kv block j starts its q walk j % n blocks along.
-    **{f"q_stagger{n}": dict(q_stagger=n) for n in (4, 16, 64, 256)},
+    **{f"q_stagger{n}": dict(q_stagger=n) for n in (1, 4, 16, 64, 256)},
 }
 
 

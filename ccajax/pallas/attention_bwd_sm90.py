@@ -62,7 +62,8 @@ warpgroups the registers are split 240 / 24 (compute / producer).
   back, during which the next step's operands are awaited. The q blocks are walked from the
   last down, so the CTAs of a kv head read the same q/dO tiles (and add into the same dQ rows)
   at about the same time: from L2, also under a causal mask (walking up made the fused kernel
-  2-10% slower there).
+  2-10% slower there). Without a causal mask each CTA starts up to ``q_stagger`` - 1 blocks
+  along, so that the CTAs running at once do not all reduce-add into the same dQ rows.
   fused_dq: each warpgroup also stores its dS^T rows to a shared tile (two, by step parity),
   the warpgroups meet on a barrier, and each computes dQ for its half of the head dim,
   dS K[:, half] (A: the transposed dS^T tile, B: a column slice of the CTA's k tile), and
