@@ -10,7 +10,13 @@ HEAD_DIM = 128
 
 CONFIGS = {
     "default": {},
-    "late_k": dict(early_k_wait=False),  # the k wait at the top of each step
+    # The next k tile awaited at the top of each step (the causal default since 2026-12-02,
+    # session 24) or while P v runs (the non-causal default).
+    "late_k": dict(early_k_wait=False),
+    "early_k": dict(early_k_wait=True),
+    # Before session 24: causal diagonal steps on the whole tile, masked, early k wait.
+    "wide_diagonal_early_k": dict(narrow_diagonal=False, early_k_wait=True),
+    "wide_diagonal": dict(narrow_diagonal=False),
     "rendezvous": dict(oneway_pingpong=False),  # both warpgroups meet twice per step (mbarriers)
     "per_tile_grid": dict(persistent=False),  # one CTA per tile
     "persistent_grid": dict(persistent=True),  # causal: longest tiles first, snake rounds

@@ -107,13 +107,26 @@ def test_block_sizes_and_unequal_lengths(rng, seq_q, seq_k, block_q, block_kv, d
 
 
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("options", [dict(early_k_wait=False), dict(oneway_pingpong=False)],
-                         ids=["k-wait-at-step-start", "rendezvous-pingpong"])
+@pytest.mark.parametrize("options", ["k-wait-not-default", "rendezvous-pingpong"])
 def test_other_barrier_orders(rng, options, is_causal):
-    """The non-default barrier orders (the race detector checks them too); causal with 3 q
-    blocks, so warpgroups with fewer steps than their CTA flush the rest."""
+    """The non-default barrier orders (the race detector checks them too): the next k tile
+    awaited at the top of each step without a causal mask, during the P v wgmma with one; the
+    two-way ping-pong. Causal with 3 q blocks, so warpgroups with fewer steps than their CTA
+    flush the rest."""
+    options = (dict(early_k_wait=is_causal) if options == "k-wait-not-default"
+               else dict(oneway_pingpong=False))
     _check(*_inputs(rng, jnp.bfloat16, 1, 300, 300, 2, 1, 64), is_causal=is_causal,
            block_kv=64, **options)
+
+
+@pytest.mark.parametrize("block_kv", [128, 256])
+@pytest.mark.parametrize("narrow_diagonal", [True, False], ids=["narrow", "wide"])
+def test_causal_diagonal_steps(rng, narrow_diagonal, block_kv):
+    """Causal diagonal steps on the half tile their rows see (narrow: warpgroup 0's with
+    128-key tiles; with 256-key tiles, both warpgroups' in even q blocks and none in odd ones)
+    or on the whole tile, masked; Sk = 384 leaves the last 256-key tile ragged."""
+    _check(*_inputs(rng, jnp.bfloat16, 1, 384, 384, 2, 1, 64), is_causal=True,
+           block_kv=block_kv, narrow_diagonal=narrow_diagonal)
 
 
 PERSISTENT_GRIDS = {"3-ctas": dict(num_ctas=3), "1-cta": dict(num_ctas=1),
@@ -288,8 +301,6 @@ def test_segment_ids_match_reference(rng, case, is_causal):
         ids = _packed_segment_ids(rng, batch, seq, max_len=40)
     else:
         ids = jnp.asarray(rng.integers(0, 3, size=(batch, seq)), jnp.int32)
-    # Note: in interpret mode, causal + segment_ids runs with one compute warpgroup (the
-    # interpreter deadlocks on two; see attention_fwd); test_compiled_on_gpu covers two on a GPU.
     _check(q, k, v, is_causal=is_causal, segment_ids=ids, **kwargs)
 
 
@@ -392,7 +403,11 @@ GPU_CONFIGS = {
     # Fits only without Mosaic's 2 KB reduction scratch (232568 B with it > 227 KiB), and not
     # with segment ids (233592 B).
     "3-stages": dict(kv_stages=3),
+    # The next k tile awaited at the top of each step (the causal default) or during P v.
     "late-k-wait": dict(early_k_wait=False),
+    "early-k-wait": dict(early_k_wait=True),
+    # Causal diagonal steps on the whole tile (the default narrows wg 0's to its first half).
+    "wide-diagonal": dict(narrow_diagonal=False),
     "rendezvous-pingpong": dict(oneway_pingpong=False),  # on mbarriers (named: one-way only)
     "per-tile-grid": dict(persistent=False),
     # 8 CTAs over 128 tiles: each CTA walks 16 tiles, alternating its turn barriers; with 132
