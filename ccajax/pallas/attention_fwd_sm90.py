@@ -589,7 +589,8 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                             plgpu.barrier_arrive(schedule_barrier)  # softmax done
                     if not register_p:
                         # P goes through shared memory (the interpreter's wgmma needs SMEM operands).
-                        p_tile = p_smem.at[wg] if cols == block_kv else p_smem.at[wg, :, pl.ds(0, cols)]
+                        p_tile = (p_smem.at[wg] if cols == block_kv
+                                  else p_smem.at[wg, :, pl.ds(0, cols)])
                         p_tile[...] = p16
                         plgpu.commit_smem()  # generic-proxy store -> visible to wgmma (async proxy)
                     plgpu.barrier_wait(v_barriers.at[slot])
