@@ -18,10 +18,12 @@ CONFIGS = {
     "wide_diagonal_early_k": dict(narrow_diagonal=False, early_k_wait=True),
     "wide_diagonal": dict(narrow_diagonal=False),
     "rendezvous": dict(oneway_pingpong=False),  # both warpgroups meet twice per step (mbarriers)
-    "per_tile_grid": dict(persistent=False),  # one CTA per tile
+    # One CTA per tile: the causal default, and the non-causal one above 4k before session 25.
+    "per_tile_grid": dict(persistent=False),
     "persistent_grid": dict(persistent=True),  # causal: longest tiles first, snake rounds
-    # Persistent grid (non-causal Sk <= 4096 by default): each next tile's q loaded early.
+    # Each next tile's q loaded early: the non-causal default since session 25 (persistent).
     "prefetch_q": dict(prefetch_q=True),
+    "no_prefetch_q": dict(prefetch_q=False),
     "persistent_prefetch_q": dict(persistent=True, prefetch_q=True),
     "stages3": dict(kv_stages=3),
     # Before 2026-12-01 (session 12): mbarriers for turns and slots, Pallas' warpgroup syncs.

@@ -129,7 +129,9 @@ def test_causal_diagonal_steps(rng, narrow_diagonal, block_kv):
            block_kv=block_kv, narrow_diagonal=narrow_diagonal)
 
 
-PERSISTENT_GRIDS = {"3-ctas": dict(num_ctas=3), "1-cta": dict(num_ctas=1),
+# prefetch_q=None prefetches only on a GPU (with P in registers): both ways, explicitly.
+PERSISTENT_GRIDS = {"3-ctas": dict(num_ctas=3, prefetch_q=False),
+                    "1-cta": dict(num_ctas=1, prefetch_q=False),
                     "5-ctas-prefetch-q": dict(num_ctas=5, prefetch_q=True),
                     "1-cta-prefetch-q": dict(num_ctas=1, prefetch_q=True)}
 # (grid options, is_causal); the per-tile causal grid is the default of the tests above.
@@ -188,7 +190,7 @@ def test_persistent_tiles_with_a_lagging_warpgroup(rng, lag_warpgroup, lagging):
     possible hang on a GPU)."""
     lag_warpgroup(lagging)
     _check(*_inputs(rng, jnp.bfloat16, 1, 128, 128, 2, 1, 64), is_causal=False, block_kv=64,
-           num_ctas=1)
+           num_ctas=1, prefetch_q=False)
 
 
 @pytest.mark.parametrize("lagging", [0, 1, 2], ids=["wg0-lags", "wg1-lags", "producer-lags"])
@@ -223,7 +225,8 @@ PAIRS = {
     "causal-sq-lt-sk": (1, 256, 448, 1, True, {}),
     "odd-q-blocks": (1, 384, 384, 1, True, {}),  # 3 q blocks: single CTAs instead
     # One cluster walks the 2 batches x 2 heads x 1 pair of q blocks, one ring across them.
-    "persistent-full": (2, 256, 256, 2, False, dict(persistent=True, num_ctas=2)),
+    "persistent-full": (2, 256, 256, 2, False, dict(persistent=True, num_ctas=2,
+                                                     prefetch_q=False)),
     "persistent-causal": (2, 512, 384, 1, True, dict(persistent=True, num_ctas=4)),  # 2 clusters
     "persistent-prefetch-q": (2, 256, 256, 2, False, dict(persistent=True, num_ctas=2,
                                                            prefetch_q=True)),
@@ -412,7 +415,7 @@ GPU_CONFIGS = {
     "per-tile-grid": dict(persistent=False),
     # 8 CTAs over 128 tiles: each CTA walks 16 tiles, alternating its turn barriers; with 132
     # CTAs this shape gives every CTA at most one tile.
-    "persistent-8-ctas": dict(persistent=True, num_ctas=8),
+    "persistent-8-ctas": dict(persistent=True, num_ctas=8, prefetch_q=False),
     "persistent-8-ctas-prefetch-q": dict(persistent=True, num_ctas=8, prefetch_q=True),
     # The defaults use hardware named barriers and no automatic warpgroup barriers; the
     # mbarrier path (the interpreter's) compiled, with and without them.
@@ -434,7 +437,8 @@ GPU_CONFIGS = {
     "kv-multicast-warpgroup-producer-b64": dict(kv_multicast=True, single_warp_producer=False,
                                                 block_q=64, block_kv=64),
     # 4 clusters over 64 pair tiles (2 batches x 8 heads x 4 q-block pairs).
-    "kv-multicast-persistent-8-ctas": dict(kv_multicast=True, persistent=True, num_ctas=8),
+    "kv-multicast-persistent-8-ctas": dict(kv_multicast=True, persistent=True, num_ctas=8,
+                                           prefetch_q=False),
     "kv-multicast-persistent-prefetch-q-8-ctas": dict(kv_multicast=True, persistent=True,
                                                       prefetch_q=True, num_ctas=8),
 }

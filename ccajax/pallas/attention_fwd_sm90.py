@@ -18,12 +18,12 @@ Kernel layout
   producer warpgroup (``plgpu.kernel(..., num_threads=3)``). The CTA reads the k/v tiles of kv
   head ``h // group`` directly from the un-repeated (B, Sk, Hkv, d) arrays (GQA without copies).
   Under causal masking the q-block index is reversed so the longest rows are scheduled first.
-  Non-causal with Sk <= ``PERSISTENT_MAX_SEQ_K`` (or ``persistent=True``, any mask): a
-  persistent grid of one CTA per SM instead, whose producer keeps one k/v ring across the
-  CTA's tiles, so the next tile's first loads overlap the current tile's tail and epilogue
-  (with ``prefetch_q`` each compute warpgroup also loads its next tile's q rows into a second
-  q tile meanwhile). Tiles are dealt out by :func:`persistent_tiles`: round-robin, q block
-  fastest, when not causal; causal, longest first in rounds of alternating direction.
+  Non-causal (or ``persistent=True``, any mask): a persistent grid of one CTA per SM instead,
+  whose producer keeps one k/v ring across the CTA's tiles, so the next tile's first loads
+  overlap the current tile's tail and epilogue (with ``prefetch_q``, the GPU default there,
+  each compute warpgroup also loads its next tile's q rows into a second q tile meanwhile).
+  Tiles are dealt out by :func:`persistent_tiles`: round-robin, q block fastest, when not
+  causal; causal, longest first in rounds of alternating direction.
 * Pairs (``kv_multicast``, the GPU default except causal Sk <= 4096): clusters of 2 CTAs on
   the adjacent query blocks 2j and 2j + 1 of one (head, batch) need the same k/v tiles; each
   producer TMA-copies half of every tile and multicasts it into both CTAs' shared memory, so
@@ -129,12 +129,6 @@ def _check_args(q, k, v, is_causal, scale, block_q, block_kv, segment_ids, compu
         raise ValueError(f"kv_stages must be an int in [2, 4]; got kv_stages={kv_stages!r}")
 
 
-# Longest kv sequence for which persistent=None picks the persistent grid. H200, one process per
-# length (benchmarks/results/tune_attention_fwd_h200_2026-12-01_persistent.json), persistent vs
-# per-tile TF/s for 16:16 / 8:2 / 4:4 non-causal: 4k +2 / +7 / +9%, 8k -0.5 / -4 / +1%,
-# 16k -2 / -5 / -0.6%: the saved pipeline fill per tile matters only while tiles are short.
-PERSISTENT_MAX_SEQ_K = 4096
-
 # kv_multicast=None: pairs of CTAs share each k/v tile except under causal masking up to this
 # Sk. H200, sustained 1 s windows (tune_attention_fwd_h200_2026-12-02_kv_multicast*.json):
 # +1.0-1.4% at 16k non-causal (595-596 TF/s, ahead of tokamax's 588-590) and +0.5-1.4% causal,
@@ -188,7 +182,7 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
                   early_k_wait: bool | None = None, oneway_pingpong: bool = True,
                   persistent: bool | None = None, num_ctas: int | None = None,
                   named_barriers: bool | None = None, auto_barriers: bool = False,
-                  prefetch_q: bool = False, single_warp_producer: bool | None = None,
+                  prefetch_q: bool | None = None, single_warp_producer: bool | None = None,
                   kv_multicast: bool | None = None, narrow_diagonal: bool = True):
     """Flash-attention forward on Hopper; see the module docstring for the kernel layout.
 
@@ -225,8 +219,10 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
       persistent: launch ``num_ctas`` CTAs that each walk a share of the (batch, head, query
         block) tiles (`persistent_tiles`), keeping one k/v ring across their tiles (the next
         tile's first k/v load overlaps the current tile's last steps and epilogue). None: when
-        not causal and Sk <= ``PERSISTENT_MAX_SEQ_K`` (measured: faster for short tiles, not
-        for long ones); the causal per-tile grid runs the longest tiles first.
+        not causal; the causal per-tile grid runs the longest tiles first. Measured on an H200
+        with pairs (twenty-fifth session, sustained 1 s windows, 5 rounds), persistent against
+        per-tile: 16k +1.0 / +0.7 / +0.7% (16:16 / 8:2 / 4:4), 8k 8:2 +1.2%, 32k 8:2 +0.3%;
+        before pairs it lost at 16k, hence a 4k limit until then.
       num_ctas: CTAs of the persistent grid; None: the GPU's SM count (2 in interpret mode),
         rounded down to even when they run in pairs (``kv_multicast``).
       named_barriers: hand the ping-pong turns and the consumed k/v slots over through
@@ -243,8 +239,12 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
       prefetch_q: persistent grid only: give each compute warpgroup two q tiles and load its
         next tile's q rows while the current tile runs (tokamax loads it during the epilogue),
         instead of at the start of each tile; 32 KiB more shared memory (too much with 3 kv
-        stages of 128-key tiles). Ignored by the per-tile grid. H200, 9 rounds: within noise
-        at 4k non-causal (-0.7 to +1.2%); +0.6 to +4.5% on the causal persistent grid at 4k.
+        stages of 128-key tiles, or with ``register_p=False``). Ignored by the per-tile grid.
+        None: on the persistent grid without a causal mask, with P in registers and a k/v
+        ring no larger than 2 stages of 128 x 128 (so not in interpret mode). H200,
+        with pairs (twenty-fifth session, 5 rounds): +0.7 / +1.2 / +0.9% at 4k non-causal
+        (16:16 / 8:2 / 4:4), within 0.3% at 16k; +0.6 to +4.5% on the causal persistent grid
+        at 4k (eighteenth session, unpaired).
       single_warp_producer: the producer's TMA copies and slot waits run on one warp of its
         warpgroup, the other three idle (as tokamax); False: on all four (each copy is still
         issued once), which ncu counted as 3.8% more instructions for the whole kernel. None:
@@ -292,7 +292,12 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
     if in_interpret_mode():
         check_interpret_threads(compute_wgs + 1)
     if persistent is None:
-        persistent = not is_causal and k.shape[1] <= PERSISTENT_MAX_SEQ_K
+        persistent = not is_causal
+    if prefetch_q is None:
+        # A second q tile per warpgroup fits next to a k/v ring of the default's size (d <= 128)
+        # but not also next to a P tile (232,544 B with register_p=False on an H200).
+        prefetch_q = (persistent and not is_causal and register_p
+                      and kv_stages * block_kv * q.shape[-1] <= 2 * 128 * 128)
     if kv_multicast is None:
         odd_ctas = persistent and isinstance(num_ctas, int) and num_ctas % 2 == 1
         kv_multicast = not in_interpret_mode() and not odd_ctas and (
