@@ -506,3 +506,20 @@ def test_lowers_for_the_gpu(is_causal, segments, options):
                              register_p=True, **options)
 
     jax.jit(forward).trace(q, k, k, ids).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("options", [dict(register_p=False), dict(kv_stages=3),
+                                     dict(kv_stages=3, block_kv=64)],
+                         ids=["smem-p", "3-stages", "3-stages-bkv64"])
+def test_default_prefetch_fits_shared_memory(options):
+    """prefetch_q=None loads a second q tile (persistent grid, no causal mask) only where it fits:
+    not beside a P tile in shared memory or a 3-stage ring of 128-key tiles, yes beside a
+    3-stage ring of 64-key tiles. Lowering the GPU build checks the kernel's shared memory
+    against the 227 KiB limit (with prefetch_q=True the first two exceed it)."""
+    q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)
+
+    def forward(q, k, v):
+        return attention_fwd(q, k, v, is_causal=False, scale=None, **options)
+
+    jax.jit(forward).trace(q, k, k).lower(lowering_platforms=("cuda",))
