@@ -494,16 +494,22 @@ def test_compiled_on_gpu_unequal_lengths(rng, seq_q, seq_k, is_causal, kv_multic
 @pytest.mark.parametrize("segments", [False, True], ids=["nosegs", "segs"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_lowers_for_the_gpu(is_causal, segments, options):
-    """Mosaic's lowering of the GPU build (register P, 8:2, d=128) on a CPU-only jaxlib: it
-    rejects what the interpreter accepts, e.g. a constant loop bound inside a wgmma's `run_state`
-    body (static kv step counts: no causal mask)."""
+    """Mosaic's lowering of the GPU build (register P) on a CPU-only jaxlib: it rejects what the
+    interpreter accepts, e.g. a constant loop bound inside a wgmma's `run_state` body (static
+    kv step counts: no causal mask)."""
+    _lower_for_the_gpu(is_causal, segments, register_p=True, **options)
+
+
+def _lower_for_the_gpu(is_causal, segments, **options):
+    """Lowers ``attention_fwd`` for a GPU (B=2, S=1000, 8:2, d=128) on a CPU-only jaxlib; the
+    lowering also checks the kernel's shared memory against the 227 KiB limit."""
     q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)
     ids = jax.ShapeDtypeStruct((2, 1000), jnp.int32) if segments else None
 
     def forward(q, k, v, ids):
         return attention_fwd(q, k, v, is_causal=is_causal, scale=None, segment_ids=ids,
-                             register_p=True, **options)
+                             **options)
 
     jax.jit(forward).trace(q, k, k, ids).lower(lowering_platforms=("cuda",))
 
@@ -514,12 +520,5 @@ def test_lowers_for_the_gpu(is_causal, segments, options):
 def test_default_prefetch_fits_shared_memory(options):
     """prefetch_q=None loads a second q tile (persistent grid, no causal mask) only where it fits:
     not beside a P tile in shared memory or a 3-stage ring of 128-key tiles, yes beside a
-    3-stage ring of 64-key tiles. Lowering the GPU build checks the kernel's shared memory
-    against the 227 KiB limit (with prefetch_q=True the first two exceed it)."""
-    q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)
-
-    def forward(q, k, v):
-        return attention_fwd(q, k, v, is_causal=False, scale=None, **options)
-
-    jax.jit(forward).trace(q, k, k).lower(lowering_platforms=("cuda",))
+    3-stage ring of 64-key tiles (with prefetch_q=True the first two exceed 227 KiB)."""
+    _lower_for_the_gpu(False, False, **options)
