@@ -24,6 +24,10 @@ CONFIGS = {
     # Each next tile's q loaded early: the non-causal default since session 25 (persistent).
     "prefetch_q": dict(prefetch_q=True),
     "no_prefetch_q": dict(prefetch_q=False),
+    # The partly filled last round's tiles split along the keys (session 26): the non-causal
+    # default where that saves each CTA SPLIT_TAIL_MIN_SAVED_STEPS kv steps; off; always.
+    "no_split_tail": dict(split_tail=False),
+    "split_tail": dict(split_tail=True),
     "persistent_prefetch_q": dict(persistent=True, prefetch_q=True),
     "stages3": dict(kv_stages=3),
     # Before 2026-12-01 (session 12): mbarriers for turns and slots, Pallas' warpgroup syncs.

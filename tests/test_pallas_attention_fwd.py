@@ -18,7 +18,8 @@ from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_in
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ccajax.attention import attention_mask, reference_attention
-from ccajax.pallas.attention_fwd_sm90 import attention_fwd, persistent_tiles
+from ccajax.pallas.attention_fwd_sm90 import (SPLIT_TAIL_MIN_SAVED_STEPS, attention_fwd,
+                                              persistent_tiles, split_tail_share, tail_segment)
 from error_inputs import zero_inputs
 
 # Measured worst max-abs errors in interpret mode over this file's shapes x 3 seeds (inputs
@@ -212,6 +213,90 @@ def test_prefetched_q_with_a_lagging_warpgroup(rng, lag_warpgroup, lagging):
            block_q=128, num_ctas=1, prefetch_q=True)
 
 
+@pytest.mark.parametrize("tiles, ctas, steps", [(512, 66, 32), (1024, 66, 128), (3, 2, 6),
+                                                (4, 5, 6), (7, 3, 1), (64, 66, 8), (12, 4, 9)])
+def test_split_tail_covers_every_step_once(tiles, ctas, steps):
+    """split_tail: the last round's (tile, kv step) pairs go to exactly one CTA each, in at most
+    two pieces per CTA of at most ``share`` steps; the int32 (kernel) and Python (merge) forms
+    agree. No split without a partial round or when a share would be a whole tile."""
+    share = split_tail_share(tiles, ctas, steps)
+    left = tiles % ctas
+    assert share == (0 if left == 0 or -(-left * steps // ctas) >= steps
+                     else -(-left * steps // ctas))
+    if not share:
+        return
+    seen = []
+    for cta in range(ctas):
+        pieces = [tail_segment(cta, s, num_tiles=tiles, num_ctas=ctas, steps=steps, share=share,
+                               div=lambda a, b: a // b, minimum=min, maximum=max)
+                  for s in (0, 1)]
+        traced = [tuple(int(x) for x in tail_segment(jnp.int32(cta), jnp.int32(s),
+                                                     num_tiles=tiles, num_ctas=ctas,
+                                                     steps=steps, share=share))
+                  for s in (0, 1)]
+        assert [p for p in pieces if p[2] > p[1]] == [p for p in traced if p[2] > p[1]]
+        assert sum(max(hi - lo, 0) for _, lo, hi in pieces) <= share
+        seen += [(t, step) for t, lo, hi in pieces for step in range(lo, hi)]
+    assert sorted(seen) == [(t, step) for t in range(tiles - left, tiles) for step in range(steps)]
+
+
+# split_tail in interpret mode (2 CTAs unless num_ctas says otherwise). id: (batch, Sq, Sk, Hq,
+# options): 3 tiles over 2 CTAs leave one tile for the last round, each CTA taking 3 of its 6
+# kv steps of 64 keys.
+SPLIT_TAILS = {
+    "3-tiles": (1, 128, 384, 3, dict(prefetch_q=False)),
+    "3-tiles-prefetch-q": (1, 128, 384, 3, dict(prefetch_q=True)),
+    # Ragged: padded query rows, and the piece holding the end of Sk masks its last step.
+    "ragged": (1, 100, 330, 3, dict(prefetch_q=True)),
+    # 4 tiles over 5 CTAs: no whole round; every CTA runs 5 steps, most in two pieces.
+    "no-whole-round": (2, 128, 384, 2, dict(num_ctas=5, prefetch_q=True)),
+    # 4 tiles over 3 CTAs: 2 steps each from the last tile, one piece per CTA.
+    "3-ctas": (2, 128, 384, 2, dict(num_ctas=3, prefetch_q=False)),
+    # Pairs: 3 pair tiles over 2 clusters; each piece's partial has both CTAs' rows.
+    "pairs": (1, 256, 384, 3, dict(num_ctas=4, kv_multicast=True, prefetch_q=True)),
+}
+
+
+@pytest.mark.parametrize("batch, seq_q, seq_k, hq, options", list(SPLIT_TAILS.values()),
+                         ids=list(SPLIT_TAILS))
+def test_split_tail(rng, batch, seq_q, seq_k, hq, options):
+    _check(*_inputs(rng, jnp.bfloat16, batch, seq_q, seq_k, hq, 1, 64), is_causal=False,
+           block_kv=64, split_tail=True, **options)
+
+
+@pytest.mark.parametrize("seq_k, splits",
+                         [(384, False), (64 * 2 * SPLIT_TAIL_MIN_SAVED_STEPS, True)],
+                         ids=["3-steps-saved", "threshold-saved"])
+def test_split_tail_default_needs_enough_saved_steps(seq_k, splits):
+    """split_tail=None splits 3 tiles over 2 CTAs only when each CTA's half of the last tile
+    saves it SPLIT_TAIL_MIN_SAVED_STEPS kv steps (the merge after the kernel is a scatter)."""
+    q, k, v = (jnp.zeros((1, s, 3, 64), jnp.bfloat16) for s in (128, seq_k, seq_k))
+    with plgpu.force_gpu_interpret_mode():
+        jaxpr = jax.make_jaxpr(lambda q, k, v: attention_fwd(
+            q, k, v, is_causal=False, scale=None, block_kv=64))(q, k, v)
+    assert ("scatter" in str(jaxpr)) == splits
+    assert split_tail_share(512, 66, 32, min_saved=SPLIT_TAIL_MIN_SAVED_STEPS) == 0  # 4k 8:2
+    assert split_tail_share(1024, 66, 128, min_saved=SPLIT_TAIL_MIN_SAVED_STEPS) == 66  # 16k
+
+
+def test_split_tail_with_segment_ids(rng):
+    """The rows of the last segment (350-383) see no key in their tile's first piece (keys
+    0-191): lse -inf and output 0 there, which must weigh nothing in the merge."""
+    ids = jnp.asarray(np.repeat([[0, 1, 2]], [150, 200, 34], axis=1), jnp.int32)
+    _check(*_inputs(rng, jnp.float16, 1, 384, 384, 1, 1, 64), is_causal=False, block_kv=64,
+           segment_ids=ids, split_tail=True, prefetch_q=True)
+
+
+@pytest.mark.parametrize("lagging", [0, 1, 2], ids=["wg0-lags", "wg1-lags", "producer-lags"])
+def test_split_tail_with_a_lagging_warpgroup(rng, lag_warpgroup, lagging):
+    """5 tiles of 4 kv steps over 3 CTAs: CTA 1 walks a whole tile and then two pieces (1 and 2
+    steps; ring positions continue, turn sets and q tiles alternate) while one warpgroup is
+    slowed."""
+    lag_warpgroup(lagging)
+    _check(*_inputs(rng, jnp.bfloat16, 1, 128, 256, 5, 1, 64), is_causal=False, block_kv=64,
+           num_ctas=3, split_tail=True, prefetch_q=True)
+
+
 # Pairs of CTAs (kv_multicast=True) in interpret mode. The interpreter runs each cluster's two
 # CTAs and their cluster barriers, but a copy with collective_axes fills only the issuing CTA's
 # tile, whole: these check the pairs' barrier protocol and the tiles they walk, not the
@@ -365,11 +450,17 @@ def _args(**over):
      r"even; got num_ctas=7"),
     (dict(kv_multicast=True, persistent=True, prefetch_q=True, is_causal=True),
      r"kv_multicast=True with prefetch_q=True on the causal persistent grid is not supported"),
+    (dict(split_tail=True, is_causal=True),
+     r"split_tail=True splits the last round of the non-causal persistent grid; got "
+     r"is_causal=True, persistent=False"),
+    (dict(split_tail=True, persistent=False),
+     r"split_tail=True .*; got is_causal=False, persistent=False"),
 ], ids=["f32", "mixed-dtypes", "d96", "hkv-not-dividing", "block_q96", "block_kv32",
         "k-v-shapes", "batch", "q-3d", "q-k-head-dim", "negative-scale",
         "segments-sq-ne-sk", "segments-shape", "segments-float", "compute-wgs3",
         "num-ctas0", "single-warp-producer-yes", "named-rendezvous",
-        "multicast-odd-ctas", "multicast-causal-prefetch"])
+        "multicast-odd-ctas", "multicast-causal-prefetch", "split-tail-causal",
+        "split-tail-per-tile-grid"])
 def test_errors(over, match):
     arrays, kwargs = _args(**over)
     with pytest.raises(ValueError, match=match):
@@ -441,6 +532,12 @@ GPU_CONFIGS = {
                                            prefetch_q=False),
     "kv-multicast-persistent-prefetch-q-8-ctas": dict(kv_multicast=True, persistent=True,
                                                       prefetch_q=True, num_ctas=8),
+    # split_tail (refused with a causal mask): 64 pair tiles over 5 clusters leave 4 for the
+    # last round, 7 of their 8 kv steps per cluster; 128 unpaired tiles over 6 CTAs leave 2,
+    # 3 steps per CTA.
+    "split-tail-10-ctas": dict(persistent=True, num_ctas=10, split_tail=True),
+    "split-tail-unpaired-6-ctas": dict(persistent=True, num_ctas=6, kv_multicast=False,
+                                       prefetch_q=False, split_tail=True),
 }
 
 
@@ -455,6 +552,10 @@ def test_compiled_on_gpu(rng, config, is_causal, segments):
     ids = _packed_segment_ids(rng, 2, 1000, max_len=300) if segments else None
     if segments and config == GPU_CONFIGS["3-stages"]:
         with pytest.raises(ValueError, match="exceeds available shared memory"):
+            attention_fwd(q, k, v, is_causal=is_causal, scale=None, segment_ids=ids, **config)
+        return
+    if is_causal and config.get("split_tail"):
+        with pytest.raises(ValueError, match="split_tail=True splits the last round"):
             attention_fwd(q, k, v, is_causal=is_causal, scale=None, segment_ids=ids, **config)
         return
     if is_causal and config == GPU_CONFIGS["kv-multicast-persistent-prefetch-q-8-ctas"]:
@@ -498,6 +599,13 @@ def test_lowers_for_the_gpu(is_causal, segments, options):
     interpreter accepts, e.g. a constant loop bound inside a wgmma's `run_state` body (static
     kv step counts: no causal mask)."""
     _lower_for_the_gpu(is_causal, segments, register_p=True, **options)
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["nosegs", "segs"])
+def test_split_tail_lowers_for_the_gpu(segments):
+    """The split last round's pieces (traced kv spans, partial outputs) through Mosaic's
+    lowering: 64 pair tiles over 5 clusters."""
+    _lower_for_the_gpu(False, segments, register_p=True, num_ctas=10, split_tail=True)
 
 
 def _lower_for_the_gpu(is_causal, segments, **options):

@@ -24,6 +24,11 @@ Kernel layout
   each compute warpgroup also loads its next tile's q rows into a second q tile meanwhile).
   Tiles are dealt out by :func:`persistent_tiles`: round-robin, q block fastest, when not
   causal; causal, longest first in rounds of alternating direction.
+* Split last round (``split_tail``, non-causal persistent grid): when the tiles leave the last
+  round partly filled, its tiles' kv steps are shared out evenly instead: each CTA (cluster)
+  runs its whole rounds, then one or two pieces of ``split_tail_share`` kv steps in all
+  (:func:`tail_segment`), writing each piece's normalised output and lse to a partial slot;
+  XLA then merges each split tile's pieces by their lse (`_merge_split_tail`).
 * Pairs (``kv_multicast``, the GPU default except causal Sk <= 4096): clusters of 2 CTAs on
   the adjacent query blocks 2j and 2j + 1 of one (head, batch) need the same k/v tiles; each
   producer TMA-copies half of every tile and multicasts it into both CTAs' shared memory, so
@@ -91,9 +96,11 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -159,9 +166,7 @@ def persistent_tiles(cta, *, num_ctas: int, batch: int, num_heads: int, num_q_bl
     int32 = jnp.int32
     if not is_causal:
         def tile_at(i):
-            t = i * num_ctas + cta
-            return (lax.rem(lax.div(t, int32(num_q_blocks)), int32(num_heads)),
-                    lax.rem(t, int32(num_q_blocks)), lax.div(t, int32(num_q_blocks * num_heads)))
+            return tile_coords(i * num_ctas + cta, num_heads=num_heads, num_q_blocks=num_q_blocks)
         return jnp.maximum(lax.div(num_tiles - cta + num_ctas - 1, int32(num_ctas)), 0), tile_at
 
     def tile_at(i):
@@ -176,6 +181,98 @@ def persistent_tiles(cta, *, num_ctas: int, batch: int, num_heads: int, num_q_bl
     return full_rounds + (last_position < left).astype(int32), tile_at
 
 
+def _traced_div(a, b):
+    return lax.div(a, jnp.int32(b))
+
+
+def _traced_rem(a, b):
+    return lax.rem(a, jnp.int32(b))
+
+
+def tile_coords(t, *, num_heads: int, num_q_blocks: int, div=_traced_div, rem=_traced_rem):
+    """(head, q block, batch) of the non-causal grid's flat tile index ``t`` (q block fastest,
+    then head, then batch). ``div``/``rem``: int32 ops in the kernel, Python's outside."""
+    return (rem(div(t, num_q_blocks), num_heads), rem(t, num_q_blocks),
+            div(t, num_q_blocks * num_heads))
+
+
+# split_tail=None splits the last round only when that saves each CTA (cluster) at least this
+# many kv steps: XLA's merge after the kernel (three small fusions) costs ~19 us, about 18 steps
+# of a pair of 128-row q blocks over 128 keys at d=128. H200, sustained windows (twenty-sixth
+# session, 14 lengths at 4k and 16k): 5-9 steps saved -4 to -7%, 18 -1.5%, 21-29 +1 to +1.3%
+# at 4k; 25 -0.2%, 31-120 +1 to +3.6% at 16k.
+SPLIT_TAIL_MIN_SAVED_STEPS = 20
+
+
+def split_tail_share(num_tiles: int, num_ctas: int, steps: int, min_saved: int = 1) -> int:
+    """kv steps of the last round each CTA (cluster) takes when the partly filled last round of
+    a non-causal persistent grid is split (`tail_segment`): the ``num_tiles % num_ctas`` tiles'
+    ``steps`` kv steps each, shared evenly. 0 (no split) when that would save a CTA fewer than
+    ``min_saved`` steps of the whole tile it would otherwise run (or there is no partial
+    round)."""
+    left = num_tiles % num_ctas
+    share = -(-left * steps // num_ctas)
+    return share if left and steps - share >= min_saved else 0
+
+
+def tail_segment(cta, segment, *, num_tiles: int, num_ctas: int, steps: int, share: int,
+                 div=_traced_div, minimum=jnp.minimum, maximum=jnp.maximum):
+    """Segment ``segment`` (0 or 1) of CTA (cluster) ``cta``'s share of the split last round:
+    ``(tile, kv_lo, kv_hi)``, the kv steps [kv_lo, kv_hi) of flat tile ``tile``
+    (`tile_coords`); empty when kv_hi <= kv_lo. The last round's tiles' kv steps, laid end to
+    end, are cut into pieces of ``share`` (`split_tail_share`) steps, CTA c taking the c-th; a
+    piece spans at most two tiles since share < steps. The ops are int32 in the kernel, Python's
+    for the merge outside it (`_merge_split_tail`)."""
+    first_tail_tile = num_tiles - num_tiles % num_ctas
+    start = cta * share
+    end = minimum(start + share, (num_tiles % num_ctas) * steps)
+    tile = div(start, steps) + segment
+    return first_tail_tile + tile, maximum(start - tile * steps, 0), minimum(end - tile * steps,
+                                                                             steps)
+
+
+def _merge_split_tail(out, lse, part_out, part_lse, *, num_ctas: int, num_kv_blocks: int,
+                      share: int, pair_rows: int):
+    """Writes the split last round's tiles (`tail_segment`) into out (B, Sq_pad, Hq, d) and lse
+    (B, Hq, Sq_pad): each tile's pieces, part_out (2 * num_ctas, pair_rows, d) and part_lse
+    (2 * num_ctas, pair_rows) at slot 2 * cta + segment, are weighted by exp(their lse - the
+    tile's), whose lse is the logsumexp of theirs (-inf, and output 0, for a row no piece saw
+    a key of). The pieces are known statically: a gather, a sum and a scatter."""
+    batch, seq_q_pad, num_heads, head_dim = out.shape
+    num_q_blocks = seq_q_pad // pair_rows
+    num_tiles = batch * num_heads * num_q_blocks
+    slots = {}  # tail tile -> its pieces' slots
+    for cta in range(num_ctas):
+        for segment in (0, 1):
+            tile, lo, hi = tail_segment(cta, segment, num_tiles=num_tiles, num_ctas=num_ctas,
+                                        steps=num_kv_blocks, share=share,
+                                        div=operator.floordiv, minimum=min, maximum=max)
+            if hi > lo:
+                slots.setdefault(tile, []).append(2 * cta + segment)
+    tiles = sorted(slots)
+    most = max(len(s) for s in slots.values())
+    # Missing pieces repeat a tile's first slot, weighted 0.
+    index = np.array([slots[t] + slots[t][:1] * (most - len(slots[t])) for t in tiles])
+    valid = np.array([[i < len(slots[t]) for i in range(most)] for t in tiles])
+    piece_lse = jnp.where(valid[:, :, None], part_lse[index], -jnp.inf)  # (tiles, most, rows)
+    top = piece_lse.max(axis=1)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weight = jnp.exp(piece_lse - top[:, None])
+    total = weight.sum(axis=1)
+    merged = jnp.einsum("tpr,tprd->trd", weight, part_out[index].astype(jnp.float32))
+    merged = merged / jnp.where(total == 0.0, 1.0, total)[..., None]
+    merged_lse = jnp.where(total == 0.0, -jnp.inf, top + jnp.log(total))
+    head, q_block, b = (np.array(x) for x in zip(*(
+        tile_coords(t, num_heads=num_heads, num_q_blocks=num_q_blocks,
+                    div=operator.floordiv, rem=operator.mod) for t in tiles)))
+    out = out.reshape(batch, num_q_blocks, pair_rows, num_heads, head_dim)
+    out = out.at[b, q_block, :, head].set(merged.astype(out.dtype), unique_indices=True)
+    lse = lse.reshape(batch, num_heads, num_q_blocks, pair_rows)
+    lse = lse.at[b, head, q_block].set(merged_lse, unique_indices=True)
+    return (out.reshape(batch, seq_q_pad, num_heads, head_dim),
+            lse.reshape(batch, num_heads, seq_q_pad))
+
+
 def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=None,
                   block_q: int = 128, block_kv: int = 128, compute_wgs: int = 2,
                   kv_stages: int = 2, register_p: bool | None = None, pingpong: bool = True,
@@ -183,7 +280,8 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
                   persistent: bool | None = None, num_ctas: int | None = None,
                   named_barriers: bool | None = None, auto_barriers: bool = False,
                   prefetch_q: bool | None = None, single_warp_producer: bool | None = None,
-                  kv_multicast: bool | None = None, narrow_diagonal: bool = True):
+                  kv_multicast: bool | None = None, narrow_diagonal: bool = True,
+                  split_tail: bool | None = None):
     """Flash-attention forward on Hopper; see the module docstring for the kernel layout.
 
     Args:
@@ -269,6 +367,16 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
         half only, instead of on the whole tile with the other half masked: half a step less
         per such tile, about 0.4% of a causal 16k forward's wgmma work. H200, with the late k
         wait: +1.2-1.8% at 16k and 32k over the whole-tile step, 4k 8:2 -1% (509 / 514 TF/s).
+      split_tail: on the non-causal persistent grid, when its tiles leave a partly filled last
+        round, split that round's tiles along the keys so that every CTA (cluster) runs an
+        equal share of their kv steps (`split_tail_share`, `tail_segment`; stream-K for the
+        tail). Each piece writes its rows' partial output and lse to a scratch array, and XLA
+        merges the pieces of each tile by their lse after the kernel (~19 us on an H200). True:
+        whenever there is a partial round; None: when that saves each CTA at least
+        ``SPLIT_TAIL_MIN_SAVED_STEPS`` kv steps. H200 (twenty-sixth session, sustained 1 s
+        windows, 5 rounds, against split_tail=False): +1.6% at 16k 16:16, +0.3% at 16k 8:2,
+        +1.1% at 32k 8:2 (split by None); forced where None does not split, 16k 4:4 -1.1% and
+        4k 8:2 -2.3%; +1 to +3.6% at other lengths near 16k (3 rounds).
     Returns:
       (out, lse): out (B, Sq, Hq, d) in q's dtype; lse (B, Hq, Sq) float32, natural-log
       log-sum-exp of the scaled scores, -inf for rows that see no key (their out is 0).
@@ -306,6 +414,12 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
         raise ValueError("kv_multicast=True with prefetch_q=True on the causal persistent grid "
                          "is not supported (it stalled on an H200 at S=4096, 16:16); use "
                          "prefetch_q=False or kv_multicast=False")
+    if split_tail and (is_causal or persistent is False):
+        raise ValueError(f"split_tail=True splits the last round of the non-causal persistent "
+                         f"grid; got is_causal={is_causal!r}, persistent={persistent!r} (use "
+                         f"is_causal=False with persistent=True or None)")
+    if is_causal:
+        split_tail = False
     if persistent and (num_ctas is not None
                        and (not isinstance(num_ctas, int) or num_ctas < 1)):
         raise ValueError(f"num_ctas must be a positive int; got num_ctas={num_ctas!r}")
@@ -335,7 +449,8 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
                           single_warp_producer=resolve_single_warp_producer(
                               single_warp_producer, q, k, v, segment_ids),
                           kv_multicast=bool(kv_multicast),
-                          narrow_diagonal=bool(narrow_diagonal))
+                          narrow_diagonal=bool(narrow_diagonal),
+                          split_tail=split_tail if persistent else False)
 
 
 @functools.partial(jax.jit, static_argnames=("is_causal", "scale", "block_q", "block_kv",
@@ -343,11 +458,12 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
                                              "pingpong", "early_k_wait", "oneway_pingpong",
                                              "num_ctas", "named_barriers", "auto_barriers",
                                              "prefetch_q", "single_warp_producer",
-                                             "kv_multicast", "narrow_diagonal"))
+                                             "kv_multicast", "narrow_diagonal",
+                                             "split_tail"))
 def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv, compute_wgs,
                    kv_stages, register_p, pingpong, early_k_wait, oneway_pingpong,
                    num_ctas, named_barriers, auto_barriers, prefetch_q, single_warp_producer,
-                   kv_multicast, narrow_diagonal):
+                   kv_multicast, narrow_diagonal, split_tail):
     batch, seq_q, num_q_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
@@ -381,6 +497,12 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
     # Scores are kept in log2 units: s = (q . k) * scale * log2(e), so softmax uses exp2.
     score_mult = scale * LOG2E
 
+    # split_tail: each cluster's share of the kv steps of the last round's tiles, 0: no split.
+    num_clusters = num_ctas // pair if persistent else None
+    num_pair_tiles = batch * num_q_heads * (num_q_blocks // pair)
+    tail_share = (split_tail_share(num_pair_tiles, num_clusters, num_kv_blocks,
+                                   min_saved=1 if split_tail else SPLIT_TAIL_MIN_SAVED_STEPS)
+                  if split_tail is not False else 0)
     kv_range = KVSteps(is_causal=is_causal, causal_offset=causal_offset, seq_k=seq_k,
                        block_kv=block_kv, num_kv_blocks=num_kv_blocks, has_segments=has_segments)
     # Named barrier ids: the turns (2 sets when persistent), then the k and the v slots (on
@@ -396,6 +518,8 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
 
     def kernel(*refs, q_smem, k_smem, v_smem, p_smem, lse_smem, seg_q_smem, seg_kv_smem,
                q_barriers, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier):
+        if tail_share:
+            *refs, part_out_ref, part_lse_ref = refs
         if has_segments:
             q_ref, k_ref, v_ref, seg_ref, out_ref, lse_ref = refs
         else:
@@ -445,20 +569,28 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                 plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(q_start, wg_rows)],
                                         seg_q_smem.at[slot], q_barriers.at[slot])
 
-        def tile(q_head, q_block, b, step0, turn_set=0, q_buf=0, prefetch=None):
+        def tile(q_head, q_block, b, step0, turn_set=0, q_buf=0, prefetch=None, kv_span=None):
             """One (query head, query block, batch) tile. Its kv steps take ring positions
             step0, step0 + 1, ... (persistent CTAs keep one ring across their tiles); its
             one-way ping-pong uses the turn barriers of ``turn_set`` (0 or 1). Its q rows are in
             q tile ``q_buf``; with ``prefetch`` = (is first tile, has next, next tile's
             (q_head, q_block, b)) a warpgroup loads its q rows there only on its first tile and
-            loads the next tile's into the other q tile once its own have arrived. Returns the
-            ring position after its last step (the next tile's ``step0``)."""
+            loads the next tile's into the other q tile once its own have arrived. With
+            ``kv_span`` = (kv_lo, kv_hi, slot) (a piece of a split last round; no causal mask)
+            it runs kv steps [kv_lo, kv_hi) only and writes its output and lse to the partial
+            arrays' ``slot``. Returns the ring position after its last step (the next tile's
+            ``step0``)."""
             kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
             cta_q_start = q_block * block_q
-            # The kv steps the producer loads: a pair's CTAs load the same ones (the later q
-            # block's, under causal masking), each half of every tile.
-            cta_steps, _ = kv_range(cta_q_start - lax.rem(q_block, jnp.int32(pair)) * block_q
-                                    if pair > 1 else cta_q_start, pair * block_q)
+            if kv_span is None:
+                kv_lo = 0
+                # The kv steps the producer loads: a pair's CTAs load the same ones (the later
+                # q block's, under causal masking), each half of every tile.
+                cta_steps, _ = kv_range(cta_q_start - lax.rem(q_block, jnp.int32(pair)) * block_q
+                                        if pair > 1 else cta_q_start, pair * block_q)
+            else:
+                kv_lo, kv_hi, partial_slot = kv_span
+                cta_steps = kv_hi - kv_lo
             next_step0 = step0 + cta_steps
 
             def ring_slot(step):
@@ -468,7 +600,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             @pl.when(wg == compute_wgs)
             def _producer():
                 def issue_k(step, slot):
-                    rows = pl.ds(step * block_kv, block_kv)
+                    rows = pl.ds((kv_lo + step) * block_kv, block_kv)
                     plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot],
                                             k_barriers.at[slot], **copy_kwargs)
                     if has_segments:  # the kv ids share the k barrier (2 arrivals)
@@ -476,7 +608,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                                                 k_barriers.at[slot], **copy_kwargs)
 
                 def issue_v(step, slot):
-                    rows = pl.ds(step * block_kv, block_kv)
+                    rows = pl.ds((kv_lo + step) * block_kv, block_kv)
                     plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot],
                                             v_barriers.at[slot], **copy_kwargs)
 
@@ -490,6 +622,9 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             def _consumer():
                 q_start = cta_q_start + wg * wg_rows
                 kv_steps, unmasked_steps = kv_range(q_start, wg_rows)
+                if kv_span is not None:  # no causal mask: every row runs the CTA's steps
+                    kv_steps = cta_steps
+                    unmasked_steps = jnp.clip(unmasked_steps - kv_lo, 0, cta_steps)
                 q_slot = q_buf * compute_wgs + wg
                 wg_q_smem = q_smem.at[q_slot]
                 if prefetch is None:
@@ -539,7 +674,7 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
 
                     def allowed_keys():
                         """(wg_rows, cols) bool: which scores of this step the mask keeps."""
-                        kv_ids = step * block_kv + plgpu.broadcasted_iota(
+                        kv_ids = (kv_lo + step) * block_kv + plgpu.broadcasted_iota(
                             jnp.int32, (wg_rows, cols), 1, layout=plgpu.Layout.WGMMA)
                         if is_causal:
                             # Implies kv_ids < seq_k for every real row (i < seq_q); padded
@@ -665,8 +800,18 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
                 log2_l = jnp.log2(jnp.where(empty, 1.0, l_i))
                 lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, (m_i + log2_l) * _LN2)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(wg_q_smem, out_ref.at[b, pl.ds(q_start, wg_rows), q_head])
-                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, q_head, pl.ds(q_start, wg_rows)])
+
+                def store(out_dst, lse_dst):
+                    plgpu.copy_smem_to_gmem(wg_q_smem, out_dst)
+                    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_dst)
+
+                if kv_span is None:
+                    rows = pl.ds(q_start, wg_rows)
+                    store(out_ref.at[b, rows, q_head], lse_ref.at[b, q_head, rows])
+                else:  # a slot holds a pair tile's rows (both CTAs of a pair write one slot)
+                    rows = pl.ds(lax.rem(q_block, jnp.int32(pair)) * block_q + wg * wg_rows,
+                                 wg_rows)
+                    store(part_out_ref.at[partial_slot, rows], part_lse_ref.at[partial_slot, rows])
                 # The CTA may exit once the stores have read shared memory; they land regardless.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -676,24 +821,55 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             # A CTA's i-th tile starts at the ring position where its (i-1)-th ended (the carry)
             # and uses turn set i % 2.
             # With pairs, the clusters walk the tiles of pairs of q blocks.
+            cluster = lax.axis_index("ctas")
             count, pair_tile_at = persistent_tiles(
-                lax.axis_index("ctas"), num_ctas=num_ctas // pair, batch=batch,
-                num_heads=num_q_heads, num_q_blocks=num_q_blocks // pair, is_causal=is_causal)
+                cluster, num_ctas=num_clusters, batch=batch, num_heads=num_q_heads,
+                num_q_blocks=num_q_blocks // pair, is_causal=is_causal)
+            if tail_share:
+                # The whole rounds' tiles, then (items count and count + 1) the cluster's one or
+                # two pieces of the split last round.
+                count = jnp.int32(num_pair_tiles // num_clusters)
+                pieces = [tail_segment(cluster, s, num_tiles=num_pair_tiles,
+                                       num_ctas=num_clusters, steps=num_kv_blocks,
+                                       share=tail_share) for s in (0, 1)]
+                num_items = count + sum((hi > lo).astype(jnp.int32) for _, lo, hi in pieces)
+            else:
+                num_items = count
+
+            def piece_at(i):
+                """Item i >= count's piece: its flat pair tile and kv span."""
+                piece = i - count
+                t, lo, hi = (jnp.where(piece == 0, first, second)
+                             for first, second in zip(*pieces))
+                return t, (lo, hi, 2 * cluster + piece)
 
             def tile_at(i):
-                q_head, q_block, b = pair_tile_at(i)
+                coords = pair_tile_at(i)
+                if tail_share:  # items from count on are the pieces
+                    piece_coords = tile_coords(piece_at(i)[0], num_heads=num_q_heads,
+                                               num_q_blocks=num_q_blocks // pair)
+                    coords = tuple(jnp.where(i >= count, p, w)
+                                   for p, w in zip(piece_coords, coords))
+                q_head, q_block, b = coords
                 if pair > 1:
                     q_block = q_block * pair + lax.axis_index("pair")
                 return q_head, q_block, b
 
-            def run_tile(i, step0):
-                q_head, q_block, b = tile_at(i)
+            def run_tile(i, step0, *, is_piece=False):
+                # Whole tiles keep static kv bounds: with a traced span for every item, the
+                # lengths that split ran 3-6% below the unsplit kernel, where this gains 1-3.6%
+                # (H200, twenty-sixth session).
+                coords, kv_span = tile_at(i), piece_at(i)[1] if is_piece else None
                 parity = lax.rem(i, jnp.int32(2))
-                prefetch = (i == 0, i + 1 < count, tile_at(i + 1)) if prefetch_q else None
-                return tile(q_head, q_block, b, step0, turn_set=parity,
-                            q_buf=parity if prefetch_q else 0, prefetch=prefetch)
+                prefetch = (i == 0, i + 1 < num_items, tile_at(i + 1)) if prefetch_q else None
+                return tile(*coords, step0, turn_set=parity, q_buf=parity if prefetch_q else 0,
+                            prefetch=prefetch, kv_span=kv_span)
 
             total_steps = lax.fori_loop(0, count, run_tile, jnp.int32(0))
+            if tail_share:
+                total_steps = lax.fori_loop(count, num_items,
+                                            functools.partial(run_tile, is_piece=True),
+                                            total_steps)
             pl.when(wg == compute_wgs)(lambda: run_producer(lambda: ring_drain(
                 copies=((None, k_consumed), (None, v_consumed)), steps=total_steps,
                 stages=stages), single_warp=single_warp_producer))
@@ -737,10 +913,14 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
     if has_segments:
         # One padded id array serves the q blocks and the kv blocks (Sq == Sk).
         inputs.append(pad_axis(segment_ids, 1, max(seq_q_pad, seq_k_pad)))
-    out, lse = plgpu.kernel(
+    out_type = (jax.ShapeDtypeStruct((batch, seq_q_pad, num_q_heads, head_dim), dtype),
+                jax.ShapeDtypeStruct((batch, num_q_heads, seq_q_pad), jnp.float32))
+    if tail_share:  # the partial output and lse of each cluster's pieces of the last round
+        out_type += (jax.ShapeDtypeStruct((2 * num_clusters, pair * block_q, head_dim), dtype),
+                     jax.ShapeDtypeStruct((2 * num_clusters, pair * block_q), jnp.float32))
+    out, lse, *partials = plgpu.kernel(
         kernel,
-        out_type=(jax.ShapeDtypeStruct((batch, seq_q_pad, num_q_heads, head_dim), dtype),
-                  jax.ShapeDtypeStruct((batch, num_q_heads, seq_q_pad), jnp.float32)),
+        out_type=out_type,
         scratch_types=scratch,
         grid=(num_ctas // pair,) if persistent else (num_q_heads, num_q_blocks // pair, batch),
         grid_names=("ctas",) if persistent else ("heads", "q_blocks", "batch"),
@@ -753,6 +933,10 @@ def _attention_fwd(q, k, v, segment_ids, *, is_causal, scale, block_q, block_kv,
             approx_math=True, unsafe_no_auto_barriers=not auto_barriers,
             **({"reduction_scratch_bytes": 0} if stages > 2 else {})),
     )(*inputs)
+    if tail_share:
+        out, lse = _merge_split_tail(out, lse, *partials, num_ctas=num_clusters,
+                                     num_kv_blocks=num_kv_blocks, share=tail_share,
+                                     pair_rows=pair * block_q)
     if seq_q_pad != seq_q:
         out, lse = out[:, :seq_q], lse[:, :, :seq_q]
     return out, lse
