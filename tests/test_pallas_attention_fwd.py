@@ -452,9 +452,10 @@ def _args(**over):
      r"kv_multicast=True with prefetch_q=True on the causal persistent grid is not supported"),
     (dict(split_tail=True, is_causal=True),
      r"split_tail=True splits the last round of the non-causal persistent grid; got "
-     r"is_causal=True, persistent=False"),
+     r"is_causal=True \(use split_tail=None or False\)"),
     (dict(split_tail=True, persistent=False),
-     r"split_tail=True .*; got is_causal=False, persistent=False"),
+     r"split_tail=True splits the last round of the persistent grid; got persistent=False "
+     r"\(use persistent=True or None\)"),
 ], ids=["f32", "mixed-dtypes", "d96", "hkv-not-dividing", "block_q96", "block_kv32",
         "k-v-shapes", "batch", "q-3d", "q-k-head-dim", "negative-scale",
         "segments-sq-ne-sk", "segments-shape", "segments-float", "compute-wgs3",

@@ -414,10 +414,12 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
         raise ValueError("kv_multicast=True with prefetch_q=True on the causal persistent grid "
                          "is not supported (it stalled on an H200 at S=4096, 16:16); use "
                          "prefetch_q=False or kv_multicast=False")
-    if split_tail and (is_causal or persistent is False):
-        raise ValueError(f"split_tail=True splits the last round of the non-causal persistent "
-                         f"grid; got is_causal={is_causal!r}, persistent={persistent!r} (use "
-                         f"is_causal=False with persistent=True or None)")
+    if split_tail and is_causal:
+        raise ValueError("split_tail=True splits the last round of the non-causal persistent "
+                         "grid; got is_causal=True (use split_tail=None or False)")
+    if split_tail and not persistent:
+        raise ValueError("split_tail=True splits the last round of the persistent grid; got "
+                         "persistent=False (use persistent=True or None)")
     if is_causal:
         split_tail = False
     if persistent and (num_ctas is not None
