@@ -50,8 +50,7 @@ def plot(paths: list[Path]) -> Path:
     for ax, (batch, hq, hkv) in zip(axes[0], layouts):
         for path, run in zip(paths, runs):
             rows = [r for r in run["rows"] if (r["batch"], r["hq"], r["hkv"]) == (batch, hq, hkv)]
-            names = [n for n in rows[0]["results"] if len(paths) == 1 or n not in ("cudnn",)]
-            for name in names:
+            for name in rows[0]["results"]:
                 seqs = [r["seq"] for r in rows if "tflops" in r["results"].get(name, {})]
                 tflops = [r["results"][name]["tflops"] for r in rows
                           if "tflops" in r["results"].get(name, {})]
