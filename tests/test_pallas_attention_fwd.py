@@ -221,10 +221,11 @@ def test_split_tail_covers_every_step_once(tiles, ctas, steps):
     agree. No split without a partial round or when a share would be a whole tile."""
     share = split_tail_share(tiles, ctas, steps)
     left = tiles % ctas
-    assert share == (0 if left == 0 or -(-left * steps // ctas) >= steps
-                     else -(-left * steps // ctas))
-    if not share:
+    if not share:  # no partial round, or no share shorter than a tile covers it
+        assert left == 0 or (steps - 1) * ctas < left * steps
         return
+    # The shortest share that covers the round, and shorter than a tile.
+    assert (share - 1) * ctas < left * steps <= share * ctas and share < steps
     seen = []
     for cta in range(ctas):
         pieces = [tail_segment(cta, s, num_tiles=tiles, num_ctas=ctas, steps=steps, share=share,

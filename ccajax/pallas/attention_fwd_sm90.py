@@ -211,7 +211,7 @@ def split_tail_share(num_tiles: int, num_ctas: int, steps: int, min_saved: int =
     ``min_saved`` steps of the whole tile it would otherwise run (or there is no partial
     round)."""
     left = num_tiles % num_ctas
-    share = -(-left * steps // num_ctas)
+    share = pl.cdiv(left * steps, num_ctas)
     return share if left and steps - share >= min_saved else 0
 
 
