@@ -121,7 +121,9 @@ SMEM_LIMIT_BYTES = 227 * 1024
 # H100 (2026-12-02, tune_attention_bwd.py, sustained windows) staggering by 4 gave +4% backward
 # TF/s at 16k 8:2, +2% at 32k 8:2, +1% at 16k 16:16 and 4:4, 0-1% at 4k; 16, 64 and 256
 # measured the same within 1%. Unstaggered, the CTAs that run at once (at 8:2, 66 per kv head;
-# at 16:16, 8 per head) reduce-add into the same dQ rows together.
+# at 16:16, 8 per head) reduce-add into the same dQ rows together. On an H200 (2026-12-03, 3
+# rounds) it did not pay: 16k 8:2 520 against 525 unstaggered (0.99 in each round), 16:16 523
+# against 524; kept for the H100, the device the issue-4 table is measured on.
 DEFAULT_Q_STAGGER = 4
 # Registers per thread with two compute warpgroups: 2 x 128 x 240 + 128 x 24 <= 64K.
 _COMPUTE_REGS, _PRODUCER_REGS = 240, 24
