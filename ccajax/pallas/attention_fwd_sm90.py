@@ -420,7 +420,7 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
     if split_tail and not persistent:
         raise ValueError("split_tail=True splits the last round of the persistent grid; got "
                          "persistent=False (use persistent=True or None)")
-    if is_causal:
+    if is_causal or not persistent:  # only the non-causal persistent grid has a tail to split
         split_tail = False
     if persistent and (num_ctas is not None
                        and (not isinstance(num_ctas, int) or num_ctas < 1)):
@@ -452,7 +452,7 @@ def attention_fwd(q, k, v, *, is_causal: bool, scale: float | None, segment_ids=
                               single_warp_producer, q, k, v, segment_ids),
                           kv_multicast=bool(kv_multicast),
                           narrow_diagonal=bool(narrow_diagonal),
-                          split_tail=split_tail if persistent else False)
+                          split_tail=split_tail)
 
 
 @functools.partial(jax.jit, static_argnames=("is_causal", "scale", "block_q", "block_kv",
